@@ -1,0 +1,108 @@
+"""Time-conditioned vector-field networks f(t, z) for continuous normalizing flows.
+
+Three ways of feeding time to a linear layer (FFJORD, Grathwohl et al. 2019, appendix):
+
+* ``concat``: ``W [z, t] + b``;
+* ``concatsquash``: ``(W z + b) * sigmoid(a t + c) + d t`` (FFJORD's default);
+* ``ignore``: ``W z + b`` (an autonomous field).
+
+:class:`MLPVectorField` stacks such layers with a chosen activation. Shapes: ``z`` is
+``(batch, dim)``, ``t`` a scalar tensor; the output has the shape of ``z``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from flowlab.errors import ConfigError
+
+
+class ConcatLinear(nn.Module):
+    """``W [z, t] + b``: time appended to the input as one more feature."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim_in + 1, dim_out)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        tt = t.to(z).expand(*z.shape[:-1], 1)
+        return self.linear(torch.cat([z, tt], dim=-1))
+
+
+class ConcatSquashLinear(nn.Module):
+    """``(W z + b) * sigmoid(a t + c) + d t``: time gates and shifts every output unit."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+        self.gate = nn.Linear(1, dim_out)
+        self.shift = nn.Linear(1, dim_out, bias=False)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        tt = t.to(z).reshape(1, 1)
+        return self.linear(z) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
+
+
+class IgnoreLinear(nn.Module):
+    """``W z + b``: ignores time (for autonomous dynamics)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z)
+
+
+LAYERS = {"concat": ConcatLinear, "concatsquash": ConcatSquashLinear, "ignore": IgnoreLinear}
+
+ACTIVATIONS = {
+    "tanh": nn.Tanh,
+    "softplus": nn.Softplus,
+    "swish": nn.SiLU,
+    "elu": nn.ELU,
+}
+
+
+class MLPVectorField(nn.Module):
+    """A multilayer perceptron f(t, z) with time fed to every layer.
+
+    Args:
+        dim: dimension of z.
+        hidden: widths of the hidden layers, e.g. ``(64, 64, 64)``.
+        layer: how time enters each layer: ``concat``, ``concatsquash`` or ``ignore``.
+        activation: ``tanh``, ``softplus``, ``swish`` or ``elu``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (64, 64, 64),
+        layer: str = "concatsquash",
+        activation: str = "tanh",
+    ):
+        super().__init__()
+        if layer not in LAYERS:
+            raise ConfigError(f"unknown layer type {layer!r}; choose one of {', '.join(LAYERS)}")
+        if activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}"
+            )
+        if dim < 1 or any(int(h) < 1 for h in hidden):
+            raise ConfigError(f"dimensions must be positive, got dim={dim}, hidden={hidden}")
+        widths = [dim, *[int(h) for h in hidden], dim]
+        self.layers = nn.ModuleList(
+            LAYERS[layer](a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
+        )
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = z
+        for i, layer in enumerate(self.layers):
+            h = layer(t, h)
+            if i < len(self.layers) - 1:
+                h = self.activation(h)
+        return h

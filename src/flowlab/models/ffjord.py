@@ -1,0 +1,226 @@
+"""FFJORD (Grathwohl, Chen et al. 2019): a stack of CNF blocks on a standard Gaussian base."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowlab.cnf import CNF, MLPVectorField, sample_probe
+from flowlab.cnf.divergence import PROBES
+from flowlab.cnf.dynamics import DIVERGENCES
+from flowlab.errors import ConfigError
+from flowlab.models.base import DensityModel, LossOutput, register_model, standard_normal_log_prob
+from flowlab.ode import SolverConfig, SolveStats
+
+
+@dataclass
+class FlowResult:
+    """Points pushed through the whole stack, with the summed log|det J| and solve stats."""
+
+    z: torch.Tensor
+    log_det: torch.Tensor
+    regularizers: dict[str, torch.Tensor]
+    stats: list[SolveStats]
+
+
+@register_model("ffjord")
+class FFJORD(DensityModel):
+    """Continuous normalizing flow density ``log p(x) = log N(z(T)) + int_0^T tr(df/dz) dt``.
+
+    Data -> noise is the forward direction (blocks in order, each from t=0 to its T); sampling
+    runs the blocks in reverse order, each from its T back to 0.
+
+    Args:
+        dim: dimension of the data.
+        hidden: hidden widths of each block's vector field.
+        layer: time conditioning (``concat``, ``concatsquash``, ``ignore``).
+        activation: ``tanh``, ``softplus``, ``swish``, ``elu``.
+        num_blocks: number of stacked CNF blocks.
+        T: initial integration time of each block; ``train_T`` learns it.
+        divergence: used in training: ``exact`` or ``hutchinson``.
+        probe: Hutchinson probe distribution, ``rademacher`` or ``gaussian``.
+        solver: training solver (dict of :class:`SolverConfig` fields).
+        eval_solver: solver used in eval mode (``model.eval()``) and by ``flowlab eval``.
+        eval_divergence: divergence in eval mode (``exact`` by default: no estimator noise).
+        kinetic, jacobian: RNODE regularizer weights (0 disables them).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (64, 64, 64),
+        layer: str = "concatsquash",
+        activation: str = "tanh",
+        num_blocks: int = 1,
+        T: float = 0.5,
+        train_T: bool = True,
+        divergence: str = "exact",
+        probe: str = "rademacher",
+        solver: dict | SolverConfig | None = None,
+        eval_solver: dict | SolverConfig | None = None,
+        eval_divergence: str = "exact",
+        kinetic: float = 0.0,
+        jacobian: float = 0.0,
+    ):
+        super().__init__((dim,))
+        if num_blocks < 1:
+            raise ConfigError(f"num_blocks must be at least 1, got {num_blocks}")
+        for name, value, allowed in (
+            ("divergence", divergence, DIVERGENCES),
+            ("eval_divergence", eval_divergence, DIVERGENCES),
+            ("probe", probe, PROBES),
+        ):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+        if kinetic < 0 or jacobian < 0:
+            raise ConfigError(
+                f"regularizer weights must be >= 0, got kinetic={kinetic}, jacobian={jacobian}"
+            )
+        self.options = {
+            "dim": dim, "hidden": [int(h) for h in hidden], "layer": layer,
+            "activation": activation, "num_blocks": num_blocks, "T": T, "train_T": train_T,
+            "divergence": divergence, "probe": probe, "eval_divergence": eval_divergence,
+            "kinetic": kinetic, "jacobian": jacobian,
+        }
+        self.solver = _as_solver(solver, SolverConfig())
+        self.eval_solver = _as_solver(eval_solver, SolverConfig(atol=1e-6, rtol=1e-6))
+        self.blocks = nn.ModuleList(
+            CNF(MLPVectorField(dim, hidden, layer, activation), T, train_T, divergence)
+            for _ in range(num_blocks)
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            **self.options,
+            "solver": self.solver.to_dict(),
+            "eval_solver": self.eval_solver.to_dict(),
+        }
+
+    # -- the maps ---------------------------------------------------------------------------
+    def _run(
+        self,
+        x: torch.Tensor,
+        reverse: bool,
+        solver: SolverConfig | None,
+        divergence: str | None,
+        regularize: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> FlowResult:
+        solver = solver or (self.solver if self.training else self.eval_solver)
+        divergence = divergence or (
+            self.options["divergence"] if self.training else self.options["eval_divergence"]
+        )
+        kinetic = regularize and self.options["kinetic"] > 0
+        jacobian = regularize and self.options["jacobian"] > 0
+        log_det = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        regs: dict[str, torch.Tensor] = {}
+        stats = []
+        blocks = reversed(self.blocks) if reverse else self.blocks
+        z = x
+        for block in blocks:
+            needs_probe = divergence == "hutchinson" or (jacobian and divergence != "exact")
+            probe = sample_probe(z, self.options["probe"], generator) if needs_probe else None
+            out = block(
+                z, reverse=reverse, solver=solver, probe=probe, divergence=divergence,
+                kinetic=kinetic, jacobian=jacobian,
+            )
+            z, log_det = out.z, log_det + out.log_det
+            for name, value in out.regularizers.items():
+                regs[name] = regs.get(name, 0) + value
+            stats.append(out.stats)
+        return FlowResult(z, log_det, regs, stats)
+
+    def to_noise(self, x: torch.Tensor, **kwargs) -> FlowResult:
+        """Data -> noise: ``z`` and ``log|det dz/dx|`` (keyword options as in ``log_prob``)."""
+        return self._run(self.check_input(x), reverse=False, **_run_options(kwargs))
+
+    def to_data(self, z: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Noise -> data (no divergence needed, so it is skipped)."""
+        solver = kwargs.get("solver") or (self.solver if self.training else self.eval_solver)
+        for block in reversed(self.blocks):
+            traj, _ = block.trajectory(z, torch.tensor([1.0, 0.0]), solver=solver)
+            z = traj[-1]
+        return z
+
+    def log_prob(
+        self,
+        x: torch.Tensor,
+        *,
+        solver: SolverConfig | None = None,
+        divergence: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Log-density in nats ``(batch,)``.
+
+        In eval mode the defaults are ``eval_solver`` and ``eval_divergence`` (exact and tight);
+        in train mode the training ones. ``generator`` seeds Hutchinson probes.
+        """
+        result = self.to_noise(x, solver=solver, divergence=divergence, generator=generator)
+        return standard_normal_log_prob(result.z) + result.log_det
+
+    def log_prob_with_stats(self, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, list]:
+        result = self.to_noise(x, **kwargs)
+        return standard_normal_log_prob(result.z) + result.log_det, result.stats
+
+    def trajectory(
+        self,
+        x: torch.Tensor,
+        steps_per_block: int = 20,
+        *,
+        to_data: bool = True,
+        solver: SolverConfig | None = None,
+    ) -> torch.Tensor:
+        """Positions along the flow: ``(frames, batch, dim)``.
+
+        ``to_data=True`` starts from noise ``x`` and ends at data; False goes the other way.
+        Each block contributes ``steps_per_block`` equal time steps.
+        """
+        solver = solver or self.eval_solver
+        grid = torch.linspace(0.0, 1.0, steps_per_block + 1)
+        frames = [x.unsqueeze(0)]
+        z = x
+        blocks = reversed(self.blocks) if to_data else self.blocks
+        for block in blocks:
+            fractions = grid.flip(0) if to_data else grid
+            traj, _ = block.trajectory(z, fractions, solver=solver)
+            frames.append(traj[1:])
+            z = traj[-1]
+        return torch.cat(frames, dim=0)
+
+    # -- training ---------------------------------------------------------------------------
+    def training_loss(self, x: torch.Tensor) -> LossOutput:
+        result = self._run(self.check_input(x), reverse=False, solver=None, divergence=None,
+                           regularize=True)
+        nll = -(standard_normal_log_prob(result.z) + result.log_det).mean()
+        loss = nll
+        metrics = {"nll": float(nll.detach())}
+        for name, value in result.regularizers.items():
+            mean = value.mean()
+            loss = loss + self.options[name] * mean
+            metrics[name] = float(mean.detach())
+        metrics["nfe_forward"] = float(sum(s.nfe_forward for s in result.stats))
+        metrics["T"] = float(sum(float(b.T.detach()) for b in self.blocks))
+        return LossOutput(loss, metrics, result.stats)
+
+
+def _as_solver(value: dict | SolverConfig | None, default: SolverConfig) -> SolverConfig:
+    if value is None:
+        return default
+    if isinstance(value, SolverConfig):
+        return value
+    try:
+        return SolverConfig(**value)
+    except TypeError as err:
+        raise ConfigError(f"invalid solver options {value}: {err}") from err
+
+
+def _run_options(kwargs: dict) -> dict:
+    allowed = {"solver", "divergence", "generator", "regularize"}
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return {"solver": None, "divergence": None, **kwargs}
