@@ -63,7 +63,9 @@ class AugmentedDynamics:
         z = state[0]
         grad_on = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:
+            if not (grad_on and z.requires_grad):
+                # Outside autograd (evaluation, or torchdiffeq calling from a backward pass) z
+                # may even be a view made in no-grad mode: start a fresh graph at z.
                 z = z.detach().requires_grad_(True)
             f = self.field(t, z)
             if self.divergence == "exact":
@@ -72,7 +74,9 @@ class AugmentedDynamics:
                         "the exact divergence needs flat (batch, dim) states; use "
                         "divergence='hutchinson' for images"
                     )
-                div, frob = divergence_exact(f, z, create_graph=grad_on, with_frobenius=self.jacobian)
+                div, frob = divergence_exact(
+                    f, z, create_graph=grad_on, with_frobenius=self.jacobian
+                )
             else:
                 div, frob = divergence_hutchinson(f, z, self.probe, create_graph=grad_on)
         out = [f, div]

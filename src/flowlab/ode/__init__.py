@@ -9,8 +9,8 @@ from flowlab.ode.solve import (
     ADAPTIVE_SOLVERS,
     FIXED_GRID_SOLVERS,
     SOLVERS,
-    SolveStats,
     SolverConfig,
+    SolveStats,
     odeint,
 )
 

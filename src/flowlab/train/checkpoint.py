@@ -1,0 +1,178 @@
+"""Run folders and checkpoints: safetensors for tensors, JSON for everything else.
+
+Nothing here ever unpickles: a model file received from someone else cannot run code.
+
+Layout of a run folder::
+
+    config.json              model name and options, dataset, training options
+    model.safetensors        final (or latest) weights; metadata repeats config.json
+    checkpoint.safetensors   resume state: weights, optimizer tensors, RNG states; JSON metadata
+    log.jsonl                one JSON record per logged step
+    eval.json, *.png, *.gif  written by `flowlab eval` and `flowlab plot`
+
+Every file is written to a temporary file in the same folder, flushed, fsynced and renamed, so
+a process killed at any instant leaves the previous version readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+import flowlab
+from flowlab.errors import RunDirError
+from flowlab.models import DensityModel, build_model
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
+LOG = "log.jsonl"
+FORMAT_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Save tensors with JSON metadata (stored under the safetensors metadata key 'flowlab')."""
+    meta = {"flowlab": json.dumps(metadata, sort_keys=True)}
+    atomic_write_bytes(path, st_save(_contiguous(tensors), metadata=meta))
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a file written by :func:`save_tensors`; a clear :class:`RunDirError` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"{path}: file not found")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + header_len])
+        metadata = json.loads(header.get("__metadata__", {}).get("flowlab", "{}"))
+    except (SafetensorError, ValueError, json.JSONDecodeError) as err:
+        raise RunDirError(
+            f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt"
+        ) from err
+    return tensors, metadata
+
+
+def model_metadata(model: DensityModel) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "flowlab_version": flowlab.__version__,
+        "model": model.name,
+        "model_options": model.config(),
+    }
+
+
+def save_model(path: Path, model: DensityModel) -> None:
+    """Weights plus the config that rebuilds the model, in one safetensors file."""
+    save_tensors(path, model_tensors(model), model_metadata(model))
+
+
+def model_tensors(model: DensityModel) -> dict[str, torch.Tensor]:
+    """The model's state dict with every key under the prefix ``model.``."""
+    return {f"model.{k}": v for k, v in model.state_dict().items()}
+
+
+def model_from_metadata(metadata: dict[str, Any], source: Path) -> DensityModel:
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise RunDirError(
+            f"{source}: written by an incompatible flowlab (format {version}, this flowlab "
+            f"reads format {FORMAT_VERSION}); retrain or use the matching flowlab version"
+        )
+    try:
+        return build_model(metadata["model"], **metadata["model_options"])
+    except KeyError as err:
+        raise RunDirError(
+            f"{source}: metadata lacks {err}; the file is not a flowlab model"
+        ) from err
+
+
+def load_model(path: Path, map_location: str | torch.device = "cpu") -> DensityModel:
+    """Rebuild a model from a file written by :func:`save_model` (or a checkpoint)."""
+    tensors, metadata = load_tensors(path)
+    model = model_from_metadata(metadata, path)
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RunDirError(f"{path}: weights do not fit the model it describes ({err})") from err
+    return model.to(map_location)
+
+
+def load_run(run_dir: Path) -> tuple[DensityModel, dict[str, Any]]:
+    """The model and config of a run folder, with errors that say what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run folder {run_dir} does not exist; train one with `flowlab train`")
+    config_path = run_dir / CONFIG
+    if not config_path.is_file():
+        raise RunDirError(f"{config_path} is missing: {run_dir} is not a flowlab run folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{config_path} is not valid JSON ({err})") from err
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise RunDirError(
+            f"{weights} is missing: training has not written a model yet; resume it with "
+            f"`flowlab train --resume {run_dir}`"
+        )
+    return load_model(weights), config
+
+
+# -- optimizer state <-> flat tensors + JSON ---------------------------------------------------
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: dict, meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
