@@ -154,12 +154,18 @@ def _restore(
 
 
 def validation_nll(model: DensityModel, points: torch.Tensor) -> float:
-    """Mean NLL (nats) of fixed held-out points, with the model's eval-mode solver."""
+    """Mean NLL (nats) of fixed held-out points, in eval mode (exact divergence by default).
+
+    The training solver's tolerance is used rather than the tight evaluation one: this number
+    tracks progress, `flowlab eval` gives the one to report.
+    """
     was_training = model.training
     model.eval()
+    solver = getattr(model, "solver", None)
+    kwargs = {"solver": solver.replace(gradient="backprop", seminorm=False)} if solver else {}
     try:
         with torch.no_grad():
-            value = float(-model.log_prob(points).mean())
+            value = float(-model.log_prob(points, **kwargs).mean())
     finally:
         model.train(was_training)
     return value

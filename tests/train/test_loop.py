@@ -1,0 +1,166 @@
+import math
+import pickle
+
+import pytest
+import torch
+
+from flowlab.errors import ConfigError, NonFiniteError, RunDirError
+from flowlab.models import FFJORD, build_model
+from flowlab.ode import SolverConfig
+from flowlab.train import TrainConfig, learning_rate, load_model, save_model, train
+from flowlab.train import checkpoint as ckpt
+
+
+def blob_sampler(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Two separated Gaussian blobs: far from the standard-normal base."""
+    sign = torch.randint(0, 2, (n, 1), generator=gen) * 2 - 1
+    return sign * torch.tensor([2.0, 1.0]) + 0.3 * torch.randn(n, 2, generator=gen)
+
+
+def small_model(**kw) -> FFJORD:
+    kw.setdefault("solver", SolverConfig("rk4", steps=4))
+    return FFJORD(2, hidden=(16, 16), **kw)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"iters": 0}, {"seconds": -1.0}, {"iters": 5, "batch_size": 0},
+     {"iters": 5, "lr": float("nan")}, {"iters": 5, "schedule": "linear"}],
+)
+def test_train_config_rejects_bad_values(kwargs):
+    with pytest.raises(ConfigError):
+        TrainConfig(**kwargs)
+
+
+def test_cosine_schedule_endpoints_and_warmup():
+    config = TrainConfig(iters=100, lr=1e-2, lr_min_ratio=0.1, warmup=10)
+    assert learning_rate(config, 50, 0.0) == pytest.approx(1e-2)
+    assert learning_rate(config, 50, 0.5) == pytest.approx(1e-2 * (0.1 + 0.9 * 0.5))
+    assert learning_rate(config, 99, 1.0) == pytest.approx(1e-3)
+    assert learning_rate(config, 0, 0.0) == pytest.approx(1e-3)  # 1/10 of warm-up
+    constant = TrainConfig(iters=100, lr=1e-2, schedule="constant")
+    assert learning_rate(constant, 80, 0.8) == pytest.approx(1e-2)
+
+
+def test_training_lowers_nll_and_writes_run_folder(tmp_path):
+    torch.manual_seed(0)
+    model = small_model()
+    val = blob_sampler(500, torch.Generator().manual_seed(7))
+    model.eval()
+    with torch.no_grad():
+        before = float(-model.log_prob(val).mean())
+    result = train(model, blob_sampler, TrainConfig(iters=120, batch_size=256, lr=5e-3,
+                                                    log_every=20), tmp_path, progress=False)
+    model.eval()
+    with torch.no_grad():
+        after = float(-model.log_prob(val).mean())
+    assert result.steps == 120
+    assert after < before - 0.5, (before, after)
+    for name in (ckpt.LOG, ckpt.WEIGHTS, ckpt.CHECKPOINT):
+        assert (tmp_path / name).is_file()
+    lines = (tmp_path / ckpt.LOG).read_text().splitlines()
+    assert len(lines) == 6
+    assert "nfe_forward" in lines[-1] and "seconds" in lines[-1]
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    config = TrainConfig(iters=40, batch_size=64, lr=5e-3, log_every=5, seed=3)
+
+    torch.manual_seed(3)
+    reference = small_model(divergence="hutchinson")  # probes make the RNG state matter
+    train(reference, blob_sampler, config, tmp_path / "a", progress=False)
+
+    def interrupt(record):
+        if record["step"] == 17:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(3)
+    first = small_model(divergence="hutchinson")
+    result = train(first, blob_sampler, config, tmp_path / "b", progress=False, callback=interrupt)
+    assert result.stopped_by == "interrupt" and result.steps == 17
+    torch.manual_seed(123)  # a different global RNG state: the checkpoint must restore it
+    resumed = small_model(divergence="hutchinson")
+    result = train(resumed, blob_sampler, config, tmp_path / "b", resume=True, progress=False)
+    assert result.steps == 40
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_nan_loss_is_reported_with_step():
+    model = small_model()
+
+    def poisoned(n, gen):
+        x = blob_sampler(n, gen)
+        x[0, 0] = float("nan")
+        return x
+
+    # a NaN in the data is caught by the model's input check before any solve
+    with pytest.raises(Exception, match="NaN"):
+        train(model, poisoned, TrainConfig(iters=3), progress=False)
+
+    # a NaN produced inside the model is reported by the loop with the step number
+    model = small_model()
+    with torch.no_grad():
+        model.blocks[0].field.layers[0].linear.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="step 0"):
+        train(model, blob_sampler, TrainConfig(iters=3), progress=False)
+
+
+def test_model_file_round_trip(tmp_path):
+    model = small_model(num_blocks=2, kinetic=0.1)
+    path = tmp_path / "m.safetensors"
+    save_model(path, model)
+    loaded = load_model(path)
+    assert loaded.config() == model.config()
+    x = torch.randn(10, 2)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model.log_prob(x), loaded.log_prob(x))
+
+
+def test_corrupt_and_truncated_files_get_clear_errors(tmp_path):
+    model = small_model()
+    path = tmp_path / "m.safetensors"
+    save_model(path, model)
+    data = path.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunDirError, match="trunc.safetensors"):
+        load_model(tmp_path / "trunc.safetensors")
+    with pytest.raises(RunDirError, match="not found"):
+        load_model(tmp_path / "missing.safetensors")
+    # wrong version in the metadata
+    tensors, meta = ckpt.load_tensors(path)
+    ckpt.save_tensors(tmp_path / "old.safetensors", tensors, {**meta, "format_version": 0})
+    with pytest.raises(RunDirError, match="incompatible"):
+        load_model(tmp_path / "old.safetensors")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_pickle_payload_is_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    payload = tmp_path / "model.safetensors"
+    payload.write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(RunDirError):
+        load_model(payload)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(ConfigError, match="ffjord"):
+        build_model("nope")
+
+
+def test_log_records_are_finite_numbers(tmp_path):
+    import json
+
+    train(small_model(), blob_sampler, TrainConfig(iters=10, log_every=2), tmp_path,
+          progress=False)
+    for line in (tmp_path / ckpt.LOG).read_text().splitlines():
+        record = json.loads(line)
+        assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
