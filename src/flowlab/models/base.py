@@ -98,9 +98,7 @@ class DensityModel(nn.Module):
     def base_sample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         ref = self._reference()
         shape = torch.Size(sample_shape)
-        return torch.randn(
-            (max(1, math.prod(shape)), *self.event_shape), dtype=ref.dtype, device=ref.device
-        ).reshape(*shape, *self.event_shape)
+        return torch.randn((*shape, *self.event_shape), dtype=ref.dtype, device=ref.device)
 
     def rsample(self, sample_shape: torch.Size | tuple[int, ...] = ()) -> torch.Tensor:
         """Samples that are differentiable with respect to the parameters."""

@@ -138,9 +138,9 @@ class FFJORD(DensityModel):
         """Data -> noise: ``z`` and ``log|det dz/dx|`` (keyword options as in ``log_prob``)."""
         return self._run(self.check_input(x), reverse=False, **_run_options(kwargs))
 
-    def to_data(self, z: torch.Tensor, **kwargs) -> torch.Tensor:
+    def to_data(self, z: torch.Tensor, *, solver: SolverConfig | None = None) -> torch.Tensor:
         """Noise -> data (no divergence needed, so it is skipped)."""
-        solver = kwargs.get("solver") or (self.solver if self.training else self.eval_solver)
+        solver = solver or (self.solver if self.training else self.eval_solver)
         for block in reversed(self.blocks):
             traj, _ = block.trajectory(z, torch.tensor([1.0, 0.0]), solver=solver)
             z = traj[-1]

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torchdiffeq
 
-from flowlab.errors import ConfigError, SolverError
+from flowlab.errors import ConfigError, NonFiniteError, SolverError
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 VectorField = Callable[[torch.Tensor, State], State]
@@ -70,12 +70,14 @@ class SolverConfig:
             raise ConfigError(
                 f"unknown gradient strategy {self.gradient!r}; choose 'backprop' or 'adjoint'"
             )
-        if self.solver in ADAPTIVE_SOLVERS:
-            for name in ("atol", "rtol"):
-                value = getattr(self, name)
-                if not (value > 0):
-                    raise ConfigError(f"{name} must be positive, got {value}")
-        else:
+        # Checked for every solver: a fixed-grid config may be switched to an adaptive one with
+        # `replace`, and the adjoint ones would otherwise reach torchdiffeq unchecked (where a
+        # 0 would also silently fall back to the forward tolerance).
+        for name in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0):
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.solver not in ADAPTIVE_SOLVERS:
             if (self.step_size is None) == (self.steps is None):
                 raise ConfigError(
                     f"fixed-grid solver {self.solver!r} needs exactly one of step_size and "
@@ -233,6 +235,12 @@ def odeint(
         raise ConfigError(f"t must be 1-D with at least two times, got shape {tuple(t.shape)}")
 
     stats = SolveStats()
+    tensors = y0 if isinstance(y0, tuple) else (y0,)
+    if all(tensor.numel() == 0 for tensor in tensors):
+        # Nothing to integrate (an empty batch). Adaptive solvers would take the norm of an
+        # empty state, get NaN and report a misleading step-size underflow.
+        ys = tuple(tensor.unsqueeze(0).expand(len(t), *tensor.shape).clone() for tensor in tensors)
+        return (ys if isinstance(y0, tuple) else ys[0]), stats
     counted = _CountedField(func, stats)
     options = _grid_options(config, t)
     try:
@@ -288,4 +296,13 @@ def odeint(
                 "atol/rtol, or regularize the dynamics."
             ) from err
         raise
+    finals = ys if isinstance(ys, tuple) else (ys,)
+    for index, tensor in enumerate(finals):
+        if not torch.isfinite(tensor[-1]).all():
+            bad = int((~torch.isfinite(tensor[-1])).sum())
+            raise NonFiniteError(
+                f"{config.describe()}: the solution has {bad} NaN/Inf entries in state "
+                f"component {index} after {stats.nfe_forward} function evaluations; the "
+                "initial state or the vector field is not finite"
+            )
     return ys, stats

@@ -228,8 +228,8 @@ def train(
             try:
                 out = model.training_loss(batch)
                 out.loss.backward()
-            except SolverError as err:
-                raise SolverError(f"step {step}: {err}") from err
+            except (SolverError, NonFiniteError) as err:
+                raise type(err)(f"step {step}: {err}") from err
             _check_finite(step, out.loss.detach(), model)
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
