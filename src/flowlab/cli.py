@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--iters nor --seconds is given)")
     opt = tr.add_argument_group("optimization")
     opt.add_argument("--batch-size", type=_positive_int, default=512)
-    opt.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate")
+    opt.add_argument("--lr", type=_positive_float, default=5e-3,
+                     help="peak learning rate (cosine decay over the budget by default)")
     opt.add_argument("--weight-decay", type=_nonnegative_float, default=0.0)
     opt.add_argument("--schedule", choices=("constant", "cosine"), default="cosine",
                      help="learning-rate schedule over the budget")

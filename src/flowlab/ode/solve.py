@@ -224,6 +224,7 @@ def odeint(
 
     Raises:
         SolverError: the step size underflowed or ``max_steps`` was exceeded.
+        NonFiniteError: the solution at the final time contains NaN or Inf.
         ConfigError: an invalid argument.
     """
     config = config or SolverConfig()
