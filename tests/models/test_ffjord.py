@@ -435,3 +435,19 @@ def test_unknown_model_and_options():
     model = scrambled_model(1)
     with pytest.raises(ConfigError):
         model.to_noise(torch.zeros(2, 2, dtype=F64), probes=3)
+
+
+def test_trajectory_at_chosen_fractions_matches_direct_solves():
+    torch.manual_seed(0)
+    model = FFJORD(2, hidden=(8,), num_blocks=2).double().eval()
+    z = torch.randn(5, 2, dtype=torch.float64)
+    frames = model.trajectory(z, fractions=[0.0, 0.25, 1.0])
+    assert frames.shape == (5, 5, 2)
+    # frame 1: a quarter of the way through the last block, entered at its T
+    last = model.blocks[-1]
+    quarter, _ = last.trajectory(z, torch.tensor([1.0, 0.75]), solver=model.eval_solver)
+    torch.testing.assert_close(frames[1], quarter[-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(frames[-1], model.to_data(z), atol=1e-5, rtol=1e-5)
+    for bad in ([0.5, 1.0], [0.0, 0.7, 0.6, 1.0], [0.0]):
+        with pytest.raises(ConfigError):
+            model.trajectory(z, fractions=bad)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flowlab.cnf.dynamics import AugmentedDynamics
+from flowlab.cnf.dynamics import DIVERGENCES, AugmentedDynamics
 from flowlab.errors import ConfigError
 from flowlab.ode import SolverConfig, SolveStats, odeint
 
@@ -53,10 +53,13 @@ class CNF(nn.Module):
         super().__init__()
         if not (T > 0):
             raise ConfigError(f"the integration time T must be positive, got {T}")
+        if divergence not in DIVERGENCES:
+            raise ConfigError(
+                f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}"
+            )
         self.field = field
         self.divergence = divergence
         self.sqrt_T = nn.Parameter(torch.tensor(float(T)).sqrt(), requires_grad=train_T)
-        AugmentedDynamics(field, divergence, probe=torch.zeros(1))  # validate the option
 
     @property
     def T(self) -> torch.Tensor:

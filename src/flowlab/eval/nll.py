@@ -76,8 +76,7 @@ def evaluate_nll(
         raise ConfigError(f"need at least 2 test points, got shape {tuple(points.shape)}")
     is_module = isinstance(model, torch.nn.Module)
     was_training = model.training if is_module else False
-    ref = next(iter(model.parameters())) if is_module and any(True for _ in model.parameters()) \
-        else None
+    ref = next(model.parameters(), None) if is_module else None
     if is_module:
         model.eval()
     values, nfes = [], []

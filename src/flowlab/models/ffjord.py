@@ -122,8 +122,9 @@ class FFJORD(DensityModel):
         blocks = reversed(self.blocks) if reverse else self.blocks
         z = x
         for block in blocks:
-            needs_probe = divergence == "hutchinson" or (jacobian and divergence != "exact")
-            probe = sample_probe(z, self.options["probe"], generator) if needs_probe else None
+            # One probe per block solve, drawn here by the caller and fixed for the solve.
+            probe = (sample_probe(z, self.options["probe"], generator)
+                     if divergence == "hutchinson" else None)
             out = block(
                 z, reverse=reverse, solver=solver, probe=probe, divergence=divergence,
                 kinetic=kinetic, jacobian=jacobian,
@@ -171,22 +172,34 @@ class FFJORD(DensityModel):
         x: torch.Tensor,
         steps_per_block: int = 20,
         *,
+        fractions: Sequence[float] | torch.Tensor | None = None,
         to_data: bool = True,
         solver: SolverConfig | None = None,
     ) -> torch.Tensor:
-        """Positions along the flow: ``(frames, batch, dim)``.
+        """Positions along the flow: ``(frames, batch, dim)``, frame 0 being ``x``.
 
         ``to_data=True`` starts from noise ``x`` and ends at data; False goes the other way.
-        Each block contributes ``steps_per_block`` equal time steps.
+        Each block is visited at the times ``fractions * T`` (increasing values from 0 to 1,
+        read in the direction of travel: 0 is where the block is entered), by default
+        ``steps_per_block`` equal steps.
         """
         solver = solver or self.eval_solver
-        grid = torch.linspace(0.0, 1.0, steps_per_block + 1)
+        if fractions is None:
+            grid = torch.linspace(0.0, 1.0, steps_per_block + 1)
+        else:
+            grid = torch.as_tensor(fractions, dtype=torch.float64).float()
+            if grid.ndim != 1 or len(grid) < 2 or grid[0] != 0 or grid[-1] != 1 or \
+                    not bool((grid[1:] > grid[:-1]).all()):
+                raise ConfigError(
+                    "fractions must increase strictly from 0 to 1, e.g. [0, 0.25, 0.5, 1]"
+                )
         frames = [x.unsqueeze(0)]
         z = x
         blocks = reversed(self.blocks) if to_data else self.blocks
         for block in blocks:
-            fractions = grid.flip(0) if to_data else grid
-            traj, _ = block.trajectory(z, fractions, solver=solver)
+            # Noise -> data runs each block from its T back to 0.
+            times = 1.0 - grid if to_data else grid
+            traj, _ = block.trajectory(z, times, solver=solver)
             frames.append(traj[1:])
             z = traj[-1]
         return torch.cat(frames, dim=0)

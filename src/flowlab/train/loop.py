@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from flowlab.errors import ConfigError, FlowlabError, NonFiniteError, RunDirError, SolverError
+from flowlab.errors import ConfigError, NonFiniteError, RunDirError, SolverError
 from flowlab.models import DensityModel
 from flowlab.train import checkpoint as ckpt
 
@@ -261,20 +261,14 @@ def train(
                 last_checkpoint = seconds
     except KeyboardInterrupt:
         stopped_by = "interrupt"
-        if run_dir is not None:
-            save_checkpoint(run_dir, model, optimizer, data_gen, step, seconds)
-            print(f"\ninterrupted at step {step}; resume with `flowlab train --resume {run_dir}`")
-    except FlowlabError:
+    finally:
         if bar is not None:
             bar.close()
         if log_file is not None:
             log_file.close()
-        raise
-    if bar is not None:
-        bar.close()
-    if log_file is not None:
-        log_file.close()
     if run_dir is not None:
         save_checkpoint(run_dir, model, optimizer, data_gen, step, seconds)
         ckpt.save_model(run_dir / ckpt.WEIGHTS, model)
+        if stopped_by == "interrupt":
+            print(f"\ninterrupted at step {step}; resume with `flowlab train --resume {run_dir}`")
     return TrainResult(step, seconds, metrics, stopped_by)
