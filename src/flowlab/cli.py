@@ -327,7 +327,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     points = heldout_points(dataset, args.n_test).to(dtype)
     result = evaluate_nll(
         model, points, batch_size=args.batch_size, solver=solver, divergence=args.divergence,
-        entropy=dataset.entropy,
+        entropy=dataset.entropy, reference=dataset,
     )
     report = {
         "dataset": dataset.name, "model": config["model"], **result.to_dict(),
@@ -339,6 +339,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ("test NLL", f"{result.nll_nats:.4f} ± {result.nll_se:.4f} nats (± 1 s.e.)"),
         ("true entropy H", f"{dataset.entropy:.4f} nats"),
         ("gap NLL - H", f"{result.gap_nats:+.4f} nats"),
+        ("KL(data||model)", f"{result.kl_nats:+.4f} ± {result.kl_se:.4f} nats (paired with "
+                            "the true density on the same points)"),
         ("test points", f"{result.n_test}"),
         ("divergence", result.estimator), ("solver", f"{result.solver}, {args.dtype}"),
         ("NFE per solve", f"{result.nfe:.0f}" if result.nfe is not None else "-"),

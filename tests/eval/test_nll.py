@@ -39,8 +39,16 @@ def test_evaluate_nll_of_closed_form_density_reaches_its_entropy():
     assert result.nll_se == pytest.approx(
         float((-density.log_prob(points)).std()) / math.sqrt(20000), rel=1e-6)
     # a wrong density is detected: too narrow a Gaussian is far above the entropy
-    wrong = evaluate_nll(Gaussian(0.5, 1.0), points, entropy=result.entropy_nats)
+    wrong = evaluate_nll(Gaussian(0.5, 1.0), points, entropy=result.entropy_nats,
+                         reference=density)
     assert wrong.gap_nats > 10 * wrong.nll_se
+    # paired KL(p || q) for two Gaussians: 2 * (log(s_p/s_q)... ) in closed form
+    s_p, s_q = 2.0, 1.0
+    kl_exact = 2 * (math.log(s_q / s_p) + s_p**2 / (2 * s_q**2) - 0.5)
+    assert abs(wrong.kl_nats - kl_exact) < 4 * wrong.kl_se
+    assert wrong.kl_se < 0.1 * kl_exact
+    itself = evaluate_nll(density, points, reference=density)
+    assert itself.kl_nats == 0.0 and itself.kl_se == 0.0
 
 
 def test_heldout_points_are_fixed_and_not_the_training_stream():

@@ -25,7 +25,13 @@ class Density(Protocol):
 
 @dataclass
 class NLLResult:
-    """Mean NLL in nats with the standard error over test points, and how it was computed."""
+    """Mean NLL in nats with the standard error over test points, and how it was computed.
+
+    ``gap_nats`` is NLL minus the true entropy H; its uncertainty is ``nll_se``, which includes
+    the test sample's own fluctuation around H. When the true density is known, ``kl_nats`` is
+    the paired estimate of KL(data || model) = mean over the same points of
+    ``log p_true - log p_model``, whose standard error ``kl_se`` is free of that fluctuation.
+    """
 
     nll_nats: float
     nll_se: float
@@ -35,6 +41,8 @@ class NLLResult:
     estimator: str = "exact"
     solver: str = ""
     entropy_nats: float | None = None
+    kl_nats: float | None = None
+    kl_se: float | None = None
 
     @property
     def gap_nats(self) -> float | None:
@@ -65,12 +73,14 @@ def evaluate_nll(
     solver: SolverConfig | None = None,
     divergence: str | None = None,
     entropy: float | None = None,
+    reference: Density | None = None,
 ) -> NLLResult:
     """NLL of ``points`` under ``model`` (a flowlab model or anything with ``log_prob``).
 
     flowlab models are evaluated in eval mode with their ``eval_solver`` (tight tolerance) and
     ``eval_divergence`` (exact) unless ``solver``/``divergence`` are given; the NFE reported is
-    the mean number of function evaluations per batch solve.
+    the mean number of function evaluations per batch solve. With ``reference`` (the true
+    density) the paired KL estimate is computed on the same points.
     """
     if points.ndim < 2 or points.shape[0] < 2:
         raise ConfigError(f"need at least 2 test points, got shape {tuple(points.shape)}")
@@ -104,6 +114,12 @@ def evaluate_nll(
         if torch.isnan(nll).any():
             raise NonFiniteError(f"{bad} of {nll.numel()} test log-densities are NaN")
     mean, se = mean_and_se(nll)
+    kl = kl_se = None
+    if reference is not None:
+        with torch.no_grad():
+            true_nll = torch.cat([-reference.log_prob(c).double().cpu()
+                                  for c in points.split(batch_size)])
+        kl, kl_se = mean_and_se(nll - true_nll)
     used_solver = solver or getattr(model, "eval_solver", None)
     used_div = divergence or getattr(model, "options", {}).get("eval_divergence", "exact")
     return NLLResult(
@@ -111,5 +127,5 @@ def evaluate_nll(
         nfe=(sum(nfes) / len(nfes)) if nfes else None,
         estimator=used_div if used_solver is not None else "closed form",
         solver=used_solver.describe() if used_solver is not None else "",
-        entropy_nats=entropy,
+        entropy_nats=entropy, kl_nats=kl, kl_se=kl_se,
     )
