@@ -70,54 +70,53 @@ def _chi_square_pvalue(name: str, points: np.ndarray) -> float:
 
 
 def _ffjord_reference(name: str, n: int, rng: np.random.RandomState) -> np.ndarray:
-    """A transcription of FFJORD's ``lib/toy_data.py::inf_train_gen`` (one batch of ``n``)."""
+    """A second, independent generator written from the published definitions of the FFJORD
+    toy sets (the issue's wording; scikit-learn's generators where they are named), drawing
+    the finite-batch way the reference does (fixed class counts, angles on a grid)."""
     if name in ("swissroll", "circles", "moons"):
         datasets = pytest.importorskip("sklearn.datasets")
         if name == "swissroll":
-            data = datasets.make_swiss_roll(n_samples=n, noise=1.0, random_state=rng)[0]
-            return data[:, [0, 2]] / 5
+            xyz = datasets.make_swiss_roll(n_samples=n, noise=1.0, random_state=rng)[0]
+            return np.column_stack([xyz[:, 0], xyz[:, 2]]) * 0.2
         if name == "circles":
-            data = datasets.make_circles(n_samples=n, factor=0.5, noise=0.08, random_state=rng)[0]
-            return data * 3
-        data = datasets.make_moons(n_samples=n, noise=0.1, random_state=rng)[0]
-        return data * 2 + np.array([-1, -0.2])
+            return 3.0 * datasets.make_circles(
+                n_samples=n, factor=0.5, noise=0.08, random_state=rng
+            )[0]
+        moons = datasets.make_moons(n_samples=n, noise=0.1, random_state=rng)[0]
+        return 2.0 * moons - np.array([1.0, 0.2])
     if name == "rings":
-        n4 = n3 = n2 = n // 4
-        n1 = n - n4 - n3 - n2
-        circles = [
-            radius * np.stack([np.cos(a), np.sin(a)], axis=1)
-            for radius, k in ((1.0, n4), (0.75, n3), (0.5, n2), (0.25, n1))
-            for a in [np.linspace(0, 2 * np.pi, k, endpoint=False)]
-        ]
-        x = rng.permutation(np.concatenate(circles) * 3.0)
-        return x + rng.normal(scale=0.08, size=x.shape)
+        counts = [n // 4] * 3
+        counts.insert(3, n - sum(counts))
+        parts = []
+        for radius, count in zip((3.0, 2.25, 1.5, 0.75), counts, strict=True):
+            theta = 2 * np.pi * np.arange(count) / count
+            parts.append(radius * np.column_stack([np.cos(theta), np.sin(theta)]))
+        points = np.concatenate(parts)[rng.permutation(n)]
+        return points + 0.08 * rng.standard_normal(points.shape)
     if name == "8gaussians":
-        s = 1.0 / np.sqrt(2)
-        centers = 4.0 * np.array(
-            [(1, 0), (-1, 0), (0, 1), (0, -1), (s, s), (s, -s), (-s, s), (-s, -s)]
-        )
-        point = rng.randn(n, 2) * 0.5 + centers[rng.randint(8, size=n)]
-        return point / 1.414
+        angle = np.pi / 4 * rng.randint(0, 8, size=n)
+        centre = 4.0 * np.column_stack([np.cos(angle), np.sin(angle)])
+        return (centre + 0.5 * rng.standard_normal((n, 2))) / 1.414
     if name == "pinwheel":
-        per_class = n // 5
-        rads = np.linspace(0, 2 * np.pi, 5, endpoint=False)
-        features = rng.randn(5 * per_class, 2) * np.array([0.3, 0.1])
-        features[:, 0] += 1.0
-        labels = np.repeat(np.arange(5), per_class)
-        angles = rads[labels] + 0.25 * np.exp(features[:, 0])
-        rotations = np.stack([np.cos(angles), -np.sin(angles), np.sin(angles), np.cos(angles)])
-        rotations = np.reshape(rotations.T, (-1, 2, 2))
-        return 2 * rng.permutation(np.einsum("ti,tij->tj", features, rotations))
+        k = np.repeat(np.arange(5), n // 5)
+        radial = 1.0 + 0.3 * rng.standard_normal(k.size)
+        tangential = 0.1 * rng.standard_normal(k.size)
+        a = 2 * np.pi * k / 5 + 0.25 * np.exp(radial)
+        # (r, t) times the rotation matrix [[cos a, -sin a], [sin a, cos a]] from the right
+        out = np.column_stack([radial * np.cos(a) + tangential * np.sin(a),
+                               -radial * np.sin(a) + tangential * np.cos(a)])
+        return 2.0 * out[rng.permutation(k.size)]
     if name == "2spirals":
-        n_ = np.sqrt(rng.rand(n // 2, 1)) * 540 * (2 * np.pi) / 360
-        d1x = -np.cos(n_) * n_ + rng.rand(n // 2, 1) * 0.5
-        d1y = np.sin(n_) * n_ + rng.rand(n // 2, 1) * 0.5
-        x = np.vstack((np.hstack((d1x, d1y)), np.hstack((-d1x, -d1y)))) / 3
-        return x + rng.randn(*x.shape) * 0.1
+        half = n // 2
+        turn = 3 * np.pi * np.sqrt(rng.uniform(size=half))
+        arm = np.column_stack([-turn * np.cos(turn), turn * np.sin(turn)])
+        arm = arm + 0.5 * rng.uniform(size=(half, 2))
+        both = np.concatenate([arm, -arm]) / 3.0
+        return both + 0.1 * rng.standard_normal(both.shape)
     assert name == "checkerboard"
-    x1 = rng.rand(n) * 4 - 2
-    x2 = rng.rand(n) - rng.randint(0, 2, n) * 2 + (np.floor(x1) % 2)
-    return np.concatenate([x1[:, None], x2[:, None]], 1) * 2
+    x1 = rng.uniform(-2.0, 2.0, size=n)
+    x2 = rng.uniform(size=n) - 2.0 * rng.randint(0, 2, size=n) + np.mod(np.floor(x1), 2)
+    return 2.0 * np.column_stack([x1, x2])
 
 
 # --- registry and interface ----------------------------------------------------------------

@@ -72,4 +72,4 @@ def test_true_density_evaluated_like_a_model_reaches_its_entropy(name):
     data = get_dataset(name)
     result = evaluate_nll(data, heldout_points(data, 20000), entropy=data.entropy)
     assert result.n_test == 20000 and result.estimator == "closed form"
-    assert abs(result.gap_nats) < 3 * result.nll_se, result
+    assert abs(result.gap_nats) < 3 * result.nll_se + 1e-9, result  # checkerboard: se = 0
