@@ -69,7 +69,7 @@ def test_resume_continues_a_run(trained_run, tmp_path):
         (["train", "--model", "nope", "--iters", "1"], "unknown model"),
         (["eval", "does/not/exist"], "does not exist"),
         (["plot", "does/not/exist"], "does not exist"),
-        (["train", "--resume", "does/not/exist"], "config.json"),
+        (["train", "--resume", "does/not/exist"], "does not exist"),
     ],
 )
 def test_bad_input_gives_one_line_error(argv, message, capsys, tmp_path, monkeypatch):

@@ -33,34 +33,28 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
+def _number(cast: type, minimum: float, inclusive: bool):
+    """An argparse type: a finite ``cast`` number above ``minimum`` (or equal, if inclusive)."""
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if cast is int else 'a number'}, got {text!r}"
+            ) from None
+        ok = value >= minimum if inclusive else value > minimum
+        if not ok or value in (float("inf"), float("-inf")) or value != value:
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+_positive_float = _number(float, 0.0, inclusive=False)
+_nonnegative_float = _number(float, 0.0, inclusive=True)
+_positive_int = _number(int, 1, inclusive=True)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -244,18 +238,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flowlab.eval import heldout_points
     from flowlab.models import build_model
     from flowlab.train import TrainConfig, train
-    from flowlab.train.checkpoint import CONFIG
+    from flowlab.train.checkpoint import CONFIG, read_run_config
 
     _set_threads(args.threads)
     if args.resume is not None:
         run_dir = args.resume
-        config_path = run_dir / CONFIG
-        if not config_path.is_file():
-            raise RunDirError(f"cannot resume: {config_path} is missing (not a flowlab run folder)")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise RunDirError(f"cannot resume: {config_path} is not valid JSON ({err})") from err
+        config = read_run_config(run_dir)
         dataset = get_dataset(config["dataset"])
         train_options = config["train"]
         if args.iters is not None or args.seconds is not None:

@@ -35,13 +35,6 @@ F64 = torch.float64
 TIGHT = SolverConfig(atol=1e-11, rtol=1e-11)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: thread hand-offs cost more than they gain.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_field(dim=3, layer="concatsquash", activation="tanh", seed=0, gain=3.0):

@@ -23,13 +23,6 @@ F64 = torch.float64
 TIGHT = SolverConfig(atol=1e-10, rtol=1e-10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors on a shared 2-core machine: thread hand-offs cost more than they gain.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def scrambled_model(num_blocks: int, seed: int = 0, **options) -> FFJORD:

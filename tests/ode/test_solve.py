@@ -22,13 +22,6 @@ from flowlab.ode import SOLVERS, SolverConfig, SolveStats, odeint
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: thread hand-offs cost more than they gain.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # Each solver at a setting with the error bound its order allows (max abs error over all output

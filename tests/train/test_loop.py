@@ -164,3 +164,15 @@ def test_log_records_are_finite_numbers(tmp_path):
     for line in (tmp_path / ckpt.LOG).read_text().splitlines():
         record = json.loads(line)
         assert all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+
+
+def test_atomic_write_leaves_no_temporary_files_and_usual_mode(tmp_path):
+    import os
+    import stat
+
+    ckpt.atomic_write_json(tmp_path / "a.json", {"x": 1})
+    ckpt.atomic_write_json(tmp_path / "a.json", {"x": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask

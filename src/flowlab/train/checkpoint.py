@@ -38,11 +38,21 @@ LOG = "log.jsonl"
 FORMAT_VERSION = 1
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes it private; give the usual mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -132,8 +142,8 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> DensityM
     return model.to(map_location)
 
 
-def load_run(run_dir: Path) -> tuple[DensityModel, dict[str, Any]]:
-    """The model and config of a run folder, with errors that say what is missing."""
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The ``config.json`` of a run folder, with errors that say what is missing or wrong."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunDirError(f"run folder {run_dir} does not exist; train one with `flowlab train`")
@@ -144,6 +154,16 @@ def load_run(run_dir: Path) -> tuple[DensityModel, dict[str, Any]]:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise RunDirError(f"{config_path} is not valid JSON ({err})") from err
+    missing = [k for k in ("dataset", "model", "model_options", "train") if k not in config]
+    if not isinstance(config, dict) or missing:
+        raise RunDirError(f"{config_path} lacks {missing}: not a flowlab run configuration")
+    return config
+
+
+def load_run(run_dir: Path) -> tuple[DensityModel, dict[str, Any]]:
+    """The model and config of a run folder, with errors that say what is missing."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
     weights = run_dir / WEIGHTS
     if not weights.is_file():
         raise RunDirError(

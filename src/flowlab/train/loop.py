@@ -50,7 +50,7 @@ class TrainConfig:
     iters: int | None = None
     seconds: float | None = None
     batch_size: int = 512
-    lr: float = 1e-3
+    lr: float = 5e-3
     weight_decay: float = 0.0
     schedule: str = "cosine"
     lr_min_ratio: float = 0.01
