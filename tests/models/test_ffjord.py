@@ -444,3 +444,17 @@ def test_trajectory_at_chosen_fractions_matches_direct_solves():
     for bad in ([0.5, 1.0], [0.0, 0.7, 0.6, 1.0], [0.0]):
         with pytest.raises(ConfigError):
             model.trajectory(z, fractions=bad)
+
+
+def test_sample_and_log_prob_agrees_with_log_prob_of_the_samples():
+    torch.manual_seed(1)
+    model = FFJORD(2, hidden=(16, 16), num_blocks=2).double().eval()
+    with torch.no_grad():  # a non-trivial flow: larger weights than the default init
+        for p in model.parameters():
+            p.mul_(3.0)
+    x, log_q = model.sample_and_log_prob((7,))
+    assert x.shape == (7, 2) and log_q.shape == (7,)
+    with torch.no_grad():
+        direct = model.log_prob(x)
+    torch.testing.assert_close(log_q, direct, atol=1e-4, rtol=1e-4)
+    assert (log_q - direct).abs().max() < 1e-4 < (log_q - model.log_prob(x + 0.1)).abs().max()

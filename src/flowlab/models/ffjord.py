@@ -147,6 +147,21 @@ class FFJORD(DensityModel):
             z = traj[-1]
         return z
 
+    def sample_and_log_prob(
+        self, sample_shape: torch.Size | tuple[int, ...] = (), *, solver: SolverConfig | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples and their model log-density from one noise -> data solve (no gradient).
+
+        ``log q(x) = log N(z) - log|det dx/dz|``, the divergence integrated along the sampling
+        solve itself, so no second (data -> noise) solve is needed.
+        """
+        shape = torch.Size(sample_shape)
+        z = self.base_sample(shape).reshape(-1, *self.event_shape)
+        with torch.no_grad():
+            result = self._run(z, reverse=True, solver=solver, divergence=None)
+        log_q = standard_normal_log_prob(z) - result.log_det
+        return result.z.reshape(*shape, *self.event_shape), log_q.reshape(shape)
+
     def log_prob(
         self,
         x: torch.Tensor,
