@@ -122,3 +122,16 @@ def test_help_explains_every_option(capsys):
     for option in ("--hidden", "--solver", "--atol", "--rtol", "--divergence", "--adjoint",
                    "--kinetic", "--jacobian", "--seconds", "--iters", "--seed"):
         assert option in text, option
+
+
+def test_flow_matching_model_trains_and_evaluates_exactly(tmp_path, capsys):
+    run = tmp_path / "cfm"
+    assert main(["train", "--model", "cfm", "--coupling", "ot", "--data", "moons", "--iters",
+                 "1000", "--batch-size", "256", "--out", str(run), "--hidden", "32,32",
+                 "--no-progress"]) == 0
+    assert main(["eval", str(run), "--n-test", "2000", "--atol", "1e-5", "--rtol", "1e-5"]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["model"] == "cfm" and report["estimator"] == "exact"
+    # The best single Gaussian for moons is 0.90 nats from the truth (entropy of the fitted
+    # covariance, 3.293, minus H); the flow, by an exact ODE likelihood, is well below that.
+    assert -3 * report["kl_se"] < report["kl_nats"] < 0.75

@@ -7,7 +7,8 @@ Three ways of feeding time to a linear layer (FFJORD, Grathwohl et al. 2019, app
 * ``ignore``: ``W z + b`` (an autonomous field).
 
 :class:`MLPVectorField` stacks such layers with a chosen activation. Shapes: ``z`` is
-``(batch, dim)``, ``t`` a scalar tensor; the output has the shape of ``z``.
+``(batch, dim)``, ``t`` a scalar tensor or one time per row ``(batch,)`` (flow-matching
+training evaluates every sample at its own time); the output has the shape of ``z``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ from torch import nn
 from flowlab.errors import ConfigError
 
 
+def _time_column(t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``t`` as a column: ``(1, 1)`` for a scalar time, ``(batch, 1)`` for one time per row."""
+    t = torch.as_tensor(t).to(z)
+    if t.ndim == 0 or t.numel() == 1:
+        return t.reshape(1, 1)
+    if t.shape != (z.shape[0],):
+        raise ConfigError(
+            f"time must be a scalar or one value per row {(z.shape[0],)}, got {tuple(t.shape)}"
+        )
+    return t.reshape(-1, 1)
+
+
 class ConcatLinear(nn.Module):
     """``W [z, t] + b``: time appended to the input as one more feature."""
 
@@ -28,7 +41,7 @@ class ConcatLinear(nn.Module):
         self.linear = nn.Linear(dim_in + 1, dim_out)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        tt = t.to(z).expand(*z.shape[:-1], 1)
+        tt = _time_column(t, z).expand(z.shape[0], 1)
         return self.linear(torch.cat([z, tt], dim=-1))
 
 
@@ -42,7 +55,7 @@ class ConcatSquashLinear(nn.Module):
         self.shift = nn.Linear(1, dim_out, bias=False)
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        tt = t.to(z).reshape(1, 1)
+        tt = _time_column(t, z)
         return self.linear(z) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
 
 

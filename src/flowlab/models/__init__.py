@@ -8,9 +8,11 @@ from flowlab.models.base import (
     register_model,
     standard_normal_log_prob,
 )
+from flowlab.models.cfm import CFM
 from flowlab.models.ffjord import FFJORD
 
 __all__ = [
+    "CFM",
     "FFJORD",
     "MODELS",
     "DensityModel",

@@ -1,0 +1,15 @@
+"""Flow matching: probability paths, couplings of data and noise, the regression loss."""
+
+from flowlab.fm.coupling import COUPLINGS, independent_coupling, make_coupling, ot_coupling
+from flowlab.fm.paths import PATHS, LinearPath, VPPath, make_path
+
+__all__ = [
+    "COUPLINGS",
+    "PATHS",
+    "LinearPath",
+    "VPPath",
+    "independent_coupling",
+    "make_coupling",
+    "make_path",
+    "ot_coupling",
+]
