@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from flowlab.errors import ConfigError
-from flowlab.fm import COUPLINGS, PATHS, make_coupling, make_path
+from flowlab.fm import make_coupling, make_path
 from flowlab.models.base import LossOutput, register_model
 from flowlab.models.ffjord import FFJORD
 
@@ -42,13 +42,9 @@ class CFM(FFJORD):
             if options.setdefault(name, required) != required:
                 raise ConfigError(f"a flow-matching model has {name}={required}, got "
                                   f"{options[name]}")
-        if path not in PATHS:
-            raise ConfigError(f"unknown probability path {path!r}; choose one of {PATHS}")
-        if coupling not in COUPLINGS:
-            raise ConfigError(f"unknown coupling {coupling!r}; choose one of {COUPLINGS}")
+        probability_path, pairing = make_path(path, sigma_min), make_coupling(coupling)
         super().__init__(dim, **options)
-        self.path = make_path(path, sigma_min)
-        self.coupling = make_coupling(coupling)
+        self.path, self.coupling = probability_path, pairing
         self.options.update(path=path, sigma_min=sigma_min, coupling=coupling)
 
     def training_loss(self, x: torch.Tensor) -> LossOutput:

@@ -175,10 +175,12 @@ class FFJORD(DensityModel):
         In eval mode the defaults are ``eval_solver`` and ``eval_divergence`` (exact and tight);
         in train mode the training ones. ``generator`` seeds Hutchinson probes.
         """
-        result = self.to_noise(x, solver=solver, divergence=divergence, generator=generator)
-        return standard_normal_log_prob(result.z) + result.log_det
+        return self.log_prob_with_stats(
+            x, solver=solver, divergence=divergence, generator=generator
+        )[0]
 
     def log_prob_with_stats(self, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, list]:
+        """``log_prob`` and the :class:`SolveStats` of each block's solve."""
         result = self.to_noise(x, **kwargs)
         return standard_normal_log_prob(result.z) + result.log_det, result.stats
 

@@ -240,9 +240,9 @@ def train(
             if out.stats:
                 metrics["nfe_backward"] = float(sum(s.nfe_backward for s in out.stats))
             record: dict[str, Any] = {"step": step, "seconds": round(seconds, 3), **metrics}
-            if val_marks and _progress(config, step, seconds) >= val_marks[0]:
-                while val_marks and _progress(config, step, seconds) >= val_marks[0]:
-                    val_marks.pop(0)
+            progress = _progress(config, step, seconds)
+            if val_marks and progress >= val_marks[0]:
+                val_marks = [m for m in val_marks if m > progress]
                 record["val_nll"] = validation_nll(model, val_points.to(ref))
             if log_file is not None and (step % config.log_every == 0 or "val_nll" in record):
                 log_file.write(json.dumps(record) + "\n")
