@@ -118,3 +118,68 @@ def test_cfm_config_round_trip():
         assert torch.equal(model.log_prob(x), rebuilt.log_prob(x))
     assert rebuilt.options["path"] == "vp" and rebuilt.options["coupling"] == "ot"
     assert math.isclose(float(rebuilt.blocks[0].T), 1.0)
+
+
+@pytest.mark.parametrize("solver", ["scipy", "pot"])
+def test_blockwise_ot_is_optimal_within_each_block(solver):
+    pytest.importorskip("ot") if solver == "pot" else None
+    torch.manual_seed(4)
+    coupling = make_coupling("ot", block_size=5, solver=solver)
+    x, z = torch.randn(13, 2), torch.randn(13, 2)  # two whole blocks and a remainder of 3
+    order = coupling.permutation(x, z)
+    assert sorted(order.tolist()) == list(range(13))
+    for start, stop in ((0, 5), (5, 10), (10, 13)):
+        block = order[start:stop]
+        assert sorted(block.tolist()) == list(range(start, stop))  # pairs stay in their block
+        cost = (x[start:stop] - z[block]).pow(2).sum()
+        best = min((x[start:stop] - z[start:stop][list(p)]).pow(2).sum()
+                   for p in itertools.permutations(range(stop - start)))
+        assert float(cost) == pytest.approx(float(best), rel=1e-5)
+
+
+def test_pot_and_scipy_find_the_same_cost():
+    pytest.importorskip("ot")
+    torch.manual_seed(5)
+    x, z = torch.randn(200, 2), torch.randn(200, 2)
+    costs = []
+    for solver in ("pot", "scipy"):
+        paired = make_coupling("ot", block_size=None, solver=solver)(x, z)[1]
+        costs.append(float((x - paired).pow(2).sum()))
+    assert costs[0] == pytest.approx(costs[1], rel=1e-9)
+
+
+def test_bad_ot_options_are_named():
+    with pytest.raises(ConfigError, match="block size"):
+        make_coupling("ot", block_size=0)
+    with pytest.raises(ConfigError, match="OT solver"):
+        make_coupling("ot", solver="sinkhorn")
+    with pytest.raises(ConfigError, match="time_sampling"):
+        CFM(2, hidden=(8,), time_sampling="beta")
+
+
+def test_logit_normal_times_have_the_right_law():
+    model = CFM(2, hidden=(8,), time_sampling="logit-normal")
+    torch.manual_seed(0)
+    t = model.sample_times(200_000, torch.zeros(1, dtype=F64))
+    logit = torch.log(t) - torch.log1p(-t)
+    # logit(t) ~ N(0, 1): mean 0 and variance 1 within 5 standard errors
+    assert abs(float(logit.mean())) < 5 / math.sqrt(2e5)
+    assert abs(float(logit.var()) - 1) < 5 * math.sqrt(2 / 2e5)
+    uniform = CFM(2, hidden=(8,)).sample_times(200_000, torch.zeros(1, dtype=F64))
+    assert abs(float(uniform.mean()) - 0.5) < 5 * math.sqrt(1 / 12 / 2e5)
+
+
+def test_given_pairs_are_used_as_they_are():
+    """With z given (rectified flow), the loss is the regression on exactly those pairs."""
+    torch.manual_seed(1)
+    model = CFM(2, hidden=(8,), sigma_min=0.0).double()
+    x, z = torch.randn(64, 2, dtype=F64), torch.randn(64, 2, dtype=F64)
+    torch.manual_seed(2)
+    loss = model.training_loss(x, z).loss
+    torch.manual_seed(2)
+    t = model.sample_times(64, x)
+    point = (1 - t[:, None]) * x + t[:, None] * z
+    expected = (model.blocks[0].field(t, point) - (z - x)).pow(2).sum(1).mean()
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(ConfigError, match="pairs differ"):
+        model.training_loss(x, z[:10])

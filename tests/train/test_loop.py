@@ -1,3 +1,4 @@
+import json
 import math
 import pickle
 
@@ -176,3 +177,91 @@ def test_atomic_write_leaves_no_temporary_files_and_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o666 & ~mask
+
+
+def test_weight_average_is_the_exponential_average_of_the_steps(tmp_path):
+    """EMA against a hand-run average of every step's parameters, warm-up included."""
+    torch.manual_seed(0)
+    model = small_model()
+    history = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+
+    def record(_):
+        history.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    config = TrainConfig(iters=12, batch_size=32, ema=0.9, lr=1e-2)
+    # the callback sees the raw weights after each step
+    train(model, blob_sampler, config, tmp_path, progress=False, callback=record)
+    expected = dict(history[0])
+    for step, params in enumerate(history[1:]):
+        decay = min(0.9, (1 + step) / (10 + step))
+        expected = {n: decay * expected[n] + (1 - decay) * params[n] for n in expected}
+    for name, param in model.named_parameters():  # the trained model holds the average
+        torch.testing.assert_close(param.detach(), expected[name], atol=1e-6, rtol=1e-5)
+    saved = load_model(tmp_path / ckpt.WEIGHTS)
+    for (name, a), b in zip(saved.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(expected["blocks.0.sqrt_T"], history[-1]["blocks.0.sqrt_T"])
+
+
+def test_resume_with_ema_reproduces_uninterrupted_run(tmp_path):
+    config = TrainConfig(iters=20, batch_size=32, lr=5e-3, ema=0.95, seed=2)
+    torch.manual_seed(2)
+    reference = small_model()
+    train(reference, blob_sampler, config, tmp_path / "a", progress=False)
+
+    def interrupt(record):
+        if record["step"] == 9:
+            raise KeyboardInterrupt
+
+    torch.manual_seed(2)
+    train(small_model(), blob_sampler, config, tmp_path / "b", progress=False,
+          callback=interrupt)
+    resumed = small_model()
+    train(resumed, blob_sampler, config, tmp_path / "b", resume=True, progress=False)
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_snapshots_are_saved_at_the_training_times(tmp_path):
+    torch.manual_seed(0)
+    model = small_model()
+    clock = {"steps": []}
+
+    def record(r):
+        clock["steps"].append((r["step"], r["seconds"]))
+
+    train(model, blob_sampler, TrainConfig(seconds=0.6, batch_size=32,
+                                           snapshot_at=(0.2, 0.4, 5.0)),
+          tmp_path, progress=False, callback=record)
+    index = json.loads((tmp_path / "snapshots" / "snapshots.json").read_text())
+    assert [e["at"] for e in index] == [0.2, 0.4]  # 5 s lies beyond the budget
+    for entry in index:
+        # the first step whose clock reached the mark, no earlier and no later
+        first = next(s for s, t in clock["steps"] if t >= entry["at"])
+        assert entry["step"] == first and entry["seconds"] >= entry["at"]
+        assert (tmp_path / "snapshots" / entry["file"]).is_file()
+    early = load_model(tmp_path / "snapshots" / index[0]["file"])
+    assert any(not torch.equal(a, b) for a, b in zip(early.parameters(), model.parameters(),
+                                                      strict=True))
+    with pytest.raises(ConfigError, match="snapshot"):
+        TrainConfig(iters=3, snapshot_at=(0.0,))
+    with pytest.raises(ConfigError, match="ema"):
+        TrainConfig(iters=3, ema=1.0)
+
+
+def test_pair_sampler_batches_reach_the_loss(tmp_path):
+    """A sampler may return a tuple (rectified flow's pairs); each tensor reaches the loss."""
+    from flowlab.models import CFM
+
+    seen = []
+
+    class Spy(CFM):
+        def training_loss(self, x, z=None):
+            seen.append((x.shape, None if z is None else z.shape))
+            return super().training_loss(x, z)
+
+    model = Spy(2, hidden=(8,))
+    train(model, lambda n, g: (torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g)),
+          TrainConfig(iters=3, batch_size=16), progress=False)
+    assert seen == [(torch.Size([16, 2]), torch.Size([16, 2]))] * 3

@@ -17,6 +17,8 @@ from flowlab.fm import make_coupling, make_path
 from flowlab.models.base import LossOutput, register_model
 from flowlab.models.ffjord import FFJORD
 
+TIME_SAMPLING = ("uniform", "logit-normal")
+
 
 @register_model("cfm")
 class CFM(FFJORD):
@@ -26,6 +28,12 @@ class CFM(FFJORD):
         path: ``linear`` (the optimal-transport path with ``sigma_min``) or ``vp``.
         sigma_min: width of the linear path at the data end.
         coupling: ``independent`` pairs or minibatch optimal transport (``ot``).
+        ot_block: points per exact OT assignment (the batch is matched in blocks of this
+            size; None: the whole batch at once). See :mod:`flowlab.fm.coupling` for the cost.
+        ot_solver: ``auto`` (POT if installed, else scipy), ``pot`` or ``scipy``.
+        time_sampling: how training times are drawn: ``uniform`` on [0, 1], or
+            ``logit-normal`` (sigmoid of a standard normal; more weight mid-path, as in
+            Esser et al. 2024).
         Other arguments as :class:`FFJORD`; the integration time is fixed at T = 1 and there
         is one block (the path defines the whole flow).
     """
@@ -36,22 +44,46 @@ class CFM(FFJORD):
         path: str = "linear",
         sigma_min: float = 1e-4,
         coupling: str = "independent",
+        ot_block: int | None = 128,
+        ot_solver: str = "auto",
+        time_sampling: str = "uniform",
         **options: Any,
     ):
         for name, required in (("T", 1.0), ("train_T", False), ("num_blocks", 1)):
             if options.setdefault(name, required) != required:
                 raise ConfigError(f"a flow-matching model has {name}={required}, got "
                                   f"{options[name]}")
-        probability_path, pairing = make_path(path, sigma_min), make_coupling(coupling)
+        if time_sampling not in TIME_SAMPLING:
+            raise ConfigError(f"unknown time_sampling {time_sampling!r}; choose one of "
+                              f"{', '.join(TIME_SAMPLING)}")
+        probability_path = make_path(path, sigma_min)
+        pairing = make_coupling(coupling, ot_block, ot_solver)
         super().__init__(dim, **options)
         self.path, self.coupling = probability_path, pairing
-        self.options.update(path=path, sigma_min=sigma_min, coupling=coupling)
+        self.options.update(path=path, sigma_min=sigma_min, coupling=coupling, ot_block=ot_block,
+                            ot_solver=ot_solver, time_sampling=time_sampling)
 
-    def training_loss(self, x: torch.Tensor) -> LossOutput:
+    def sample_times(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """Training times in (0, 1) drawn by the ``time_sampling`` rule."""
+        if self.options["time_sampling"] == "logit-normal":
+            return torch.sigmoid(torch.randn(n, dtype=like.dtype, device=like.device))
+        return torch.rand(n, dtype=like.dtype, device=like.device)
+
+    def training_loss(self, x: torch.Tensor, z: torch.Tensor | None = None) -> LossOutput:
+        """The flow-matching regression loss on a batch of data.
+
+        With ``z`` given, ``(x[i], z[i])`` are used as the pairs as they are (rectified flow
+        trains on pairs produced by a teacher model); otherwise noise is drawn and coupled.
+        """
         x = self.check_input(x)
-        z = torch.randn_like(x)
-        x, z = self.coupling(x, z)
-        t = torch.rand(x.shape[0], dtype=x.dtype, device=x.device)
+        if z is None:
+            x, z = self.coupling(x, torch.randn_like(x))
+        elif z.shape != x.shape:
+            raise ConfigError(f"pairs differ in shape: data {tuple(x.shape)}, noise "
+                              f"{tuple(z.shape)}")
+        else:
+            z = z.to(x)
+        t = self.sample_times(x.shape[0], x)
         point, velocity = self.path.point_and_velocity(x, z, t)
         predicted = self.blocks[0].field(t, point)
         loss = (predicted - velocity).pow(2).flatten(1).sum(dim=1).mean()
