@@ -141,11 +141,19 @@ class FFJORD(DensityModel):
 
     def to_data(self, z: torch.Tensor, *, solver: SolverConfig | None = None) -> torch.Tensor:
         """Noise -> data (no divergence needed, so it is skipped)."""
+        return self.to_data_with_stats(z, solver=solver)[0]
+
+    def to_data_with_stats(
+        self, z: torch.Tensor, *, solver: SolverConfig | None = None
+    ) -> tuple[torch.Tensor, list[SolveStats]]:
+        """``to_data`` and the :class:`SolveStats` of each block's solve, in solve order."""
         solver = solver or (self.solver if self.training else self.eval_solver)
+        stats = []
         for block in reversed(self.blocks):
-            traj, _ = block.trajectory(z, torch.tensor([1.0, 0.0]), solver=solver)
+            traj, block_stats = block.trajectory(z, torch.tensor([1.0, 0.0]), solver=solver)
             z = traj[-1]
-        return z
+            stats.append(block_stats)
+        return z, stats
 
     def sample_and_log_prob(
         self, sample_shape: torch.Size | tuple[int, ...] = (), *, solver: SolverConfig | None = None
