@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flowlab.cli import main
@@ -135,3 +136,81 @@ def test_flow_matching_model_trains_and_evaluates_exactly(tmp_path, capsys):
     # The best single Gaussian for moons is 0.90 nats from the truth (entropy of the fitted
     # covariance, 3.293, minus H); the flow, by an exact ODE likelihood, is well below that.
     assert -3 * report["kl_se"] < report["kl_nats"] < 0.75
+
+
+def test_sample_prints_nfe_and_quality_against_the_true_density(tmp_path, capsys):
+    run = tmp_path / "cfm"
+    assert main(["train", "--model", "cfm", "--data", "checkerboard", "--iters", "30",
+                 "--batch-size", "128", "--hidden", "16,16", "--out", str(run),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    out_file = tmp_path / "s.csv"
+    assert main(["sample", str(run), "--solver", "euler", "--steps", "2", "-n", "400",
+                 "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "NFE 2)" in out and "euler (2 steps)" in out  # one block, one evaluation per step
+    quality = [line for line in out.splitlines() if line.startswith("sample quality:")]
+    assert len(quality) == 1
+    assert "cross-entropy" in quality[0] and "H = 3.4657 nats" in quality[0]
+    assert "outside its support" in quality[0] and "MMD^2" in quality[0]
+    assert np.loadtxt(out_file, delimiter=",").shape == (400, 2)
+    assert main(["sample", str(run), "--solver", "rk4", "--steps", "3", "-n", "50",
+                 "--no-quality", "--out", str(out_file)]) == 0
+    out = capsys.readouterr().out
+    assert "NFE 12)" in out and "sample quality" not in out
+
+
+def test_cfm_model_fine_tuned_by_maximum_likelihood(tmp_path, capsys):
+    """--init starts an ffjord run from cfm weights: the same CNF, so the same density."""
+    from flowlab.train import load_model
+
+    pre = tmp_path / "pre"
+    assert main(["train", "--model", "cfm", "--data", "moons", "--iters", "50", "--hidden",
+                 "16,16", "--batch-size", "128", "--ema", "0.9", "--out", str(pre),
+                 "--no-progress"]) == 0
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--model", "ffjord", "--data", "moons", "--iters", "1", "--lr", "1e-12",
+                 "--init", str(pre), "--hidden", "64,64", "--out", str(tuned), "--no-progress",
+                 "--fixed-T"]) == 0
+    assert "starting from the weights of" in capsys.readouterr().out
+    a, b = load_model(pre / "model.safetensors"), load_model(tuned / "model.safetensors")
+    assert b.name == "ffjord" and b.options["hidden"] == [16, 16]  # architecture of the init run
+    x = torch.randn(20, 2)
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a.log_prob(x), b.log_prob(x), atol=1e-4, rtol=1e-4)
+    assert main(["train", "--model", "ffjord", "--data", "8gaussians", "--iters", "1",
+                 "--init", str(pre), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "trained on 'moons'" in capsys.readouterr().err
+
+
+def test_reflow_trains_on_teacher_pairs_and_resumes(tmp_path, capsys):
+    """Rectified flow: the pairs are the teacher's own (noise -> sample) map, and training on
+    them keeps the student close to the teacher's density."""
+    from flowlab.ode import SolverConfig
+    from flowlab.train import load_run
+    from flowlab.train.checkpoint import load_tensors
+
+    teacher = tmp_path / "teacher"
+    assert main(["train", "--model", "cfm", "--data", "moons", "--iters", "200", "--hidden",
+                 "16,16", "--batch-size", "128", "--out", str(teacher), "--no-progress"]) == 0
+    student = tmp_path / "student"
+    assert main(["train", "--model", "cfm", "--data", "moons", "--reflow", str(teacher),
+                 "--pairs", "600", "--iters", "20", "--batch-size", "64", "--lr", "1e-3",
+                 "--out", str(student), "--no-progress"]) == 0
+    pairs, info = load_tensors(student / "pairs.safetensors")
+    assert pairs["x"].shape == pairs["z"].shape == (600, 2) and info["pairs"] == 600
+    model, config = load_run(teacher)
+    model.eval()
+    with torch.no_grad():
+        again = model.to_data(pairs["z"][:50], solver=SolverConfig(atol=1e-5, rtol=1e-5))
+    torch.testing.assert_close(again, pairs["x"][:50], atol=1e-3, rtol=1e-3)
+    tuned, tuned_config = load_run(student)
+    assert tuned_config["reflow"]["teacher"] == str(teacher)
+    assert tuned.options["sigma_min"] == 0.0 and tuned.options["hidden"] == [16, 16]
+    assert main(["train", "--resume", str(student), "--iters", "30"]) == 0
+    assert json.loads((student / "log.jsonl").read_text().splitlines()[-1])["step"] == 30
+    assert main(["train", "--model", "ffjord", "--data", "moons", "--reflow", str(teacher),
+                 "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "--model cfm" in capsys.readouterr().err
