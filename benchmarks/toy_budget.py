@@ -1,14 +1,17 @@
-"""FFJORD by maximum likelihood on the eight 2-D densities under one fixed budget.
+"""One model configuration on the eight 2-D densities under one fixed training budget.
 
 Each dataset is trained and evaluated through the `flowlab` command line exactly as a user
 would run it (`flowlab train ... --seconds S`, `flowlab eval`, `flowlab plot`), so the table
-measures the shipped defaults. Writes ``benchmarks/results/ffjord_toy.md`` (dataset, budget,
-test NLL +- s.e., true entropy H, gap, NFE per training step and at evaluation, seconds), a
-JSON file with the same rows, and each run's density plots.
+measures the shipped defaults. Arguments after ``--`` go to `flowlab train` unchanged.
+Writes ``benchmarks/results/NAME.md`` (dataset, budget, test NLL +- s.e., true entropy H,
+gap, NFE per training step and at evaluation, seconds), a JSON file with the same rows, and
+each run's density plots.
 
 Usage (from the repository root, after the README's install step)::
 
-    python benchmarks/ffjord_toy.py --seconds 600 --jobs 2
+    python benchmarks/toy_budget.py --seconds 600 --jobs 2                  # FFJORD, ML
+    python benchmarks/toy_budget.py --seconds 300 --jobs 2 --name otcfm_toy -- \
+        --model cfm --coupling ot                                           # OT-CFM
 
 ``--jobs 2`` trains two datasets at a time; each process uses one CPU thread (for these 2-D
 models one thread is as fast as two, measured), so on a 2-core machine this halves the wall
@@ -91,12 +94,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=600.0, help="training budget per dataset")
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--jobs", type=int, default=1, help="datasets trained at once")
-    parser.add_argument("--runs", type=Path, default=Path("runs/bench-ffjord"))
+    parser.add_argument("--name", default="ffjord_toy",
+                        help="results file stem; runs go to runs/bench-NAME unless --runs")
+    parser.add_argument("--runs", type=Path, default=None)
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--table-only", action="store_true",
                         help="rebuild the table from the finished run folders in --runs")
     args, extra = parser.parse_known_args()
+    extra = [a for a in extra if a != "--"]
+    args.runs = args.runs or Path(f"runs/bench-{args.name}")
     names = [n for n in args.datasets.split(",") if n]
     args.runs.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
@@ -107,25 +114,29 @@ def main() -> None:
             rows = list(pool.map(
                 lambda n: run_one(n, args.seconds, args.runs, extra, not args.no_plots), names
             ))
-    command = "python benchmarks/ffjord_toy.py " + " ".join(
+    command = "python benchmarks/toy_budget.py " + " ".join(
         a for a in sys.argv[1:] if a != "--table-only"
     )
+    config = json.loads((args.runs / names[0] / "config.json").read_text())
+    options = config["model_options"]
+    described = f"{config['model']} (hidden {options.get('hidden')}" + (
+        f", coupling {options['coupling']})" if "coupling" in options else ")")
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, Python " \
               f"{platform.python_version()}"
     text = (
-        f"# FFJORD (maximum likelihood) on the 2-D densities\n\n"
+        f"# {described} on the 2-D densities\n\n"
         f"Budget: {rows[0]['budget_seconds']:.0f} s of training per dataset.  \n"
         f"Command: `{command}`  \nMachine: {machine}; {args.jobs} job(s) at a time, one torch "
         f"thread each.  \nTest NLL on 20,000 fresh points, exact divergence, dopri5 at "
         f"atol=rtol=1e-6 in float64.\n\n{table(rows)}\n"
     )
-    (args.results / "ffjord_toy.md").write_text(text)
-    (args.results / "ffjord_toy.json").write_text(json.dumps(rows, indent=2))
+    (args.results / f"{args.name}.md").write_text(text)
+    (args.results / f"{args.name}.json").write_text(json.dumps(rows, indent=2))
     if not args.no_plots:
         for name in names:
             src = args.runs / name / "density.png"
             if src.is_file():
-                shutil.copy(src, args.results / f"ffjord_toy_{name}.png")
+                shutil.copy(src, args.results / f"{args.name}_{name}.png")
     print(text)
 
 

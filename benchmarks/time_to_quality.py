@@ -1,0 +1,426 @@
+"""Time to quality: how soon each way of training a CNF reaches a given test likelihood.
+
+Methods, all trained on the same data stream (seed 0), for the same budget, on the same
+machine, in the same run:
+
+- ``ffjord``: flowlab's FFJORD by maximum likelihood (the CLI defaults: 64 x 3 concatsquash
+  tanh, exact divergence, dopri5 at 1e-5, learnable T);
+- ``ffjord-rnode``: the same with the RNODE regularizers (Finlay et al. 2020), kinetic energy
+  and Jacobian Frobenius norm, both weighted 0.01;
+- ``cfm``: conditional flow matching, independent coupling (the CLI defaults for ``cfm``:
+  256 x 5 concatsquash tanh, linear path, sigma_min 1e-4);
+- ``ot-cfm``: the same with minibatch optimal-transport pairs (exact assignment in blocks of
+  128 points);
+- ``zuko``: the peer, ``zuko.flows.CNF`` (64 x 3 ELU, exact trace, zuko's solver and
+  adjoint) trained by maximum likelihood (``benchmarks/peers/zuko_cnf.py``), same learning
+  rate and schedule as flowlab's FFJORD.
+
+Each run saves its weights at fixed points of its training clock (snapshots); afterwards each
+snapshot is evaluated on held-out points with the exact log-density. At the budgets 60, 180 and
+600 s the evaluation is the full one (20,000 fresh points, dopri5 at atol=rtol=1e-6, float64);
+the other snapshots, used only to find when the gap to H first falls below 0.10 nats, are
+evaluated on the first 2,000 of those points at 1e-5. The final model of each run is then
+sampled with fixed-step solvers (euler, midpoint, rk4 at 1..16 steps) and the adaptive one, and
+the samples' MMD^2 to fresh data gives the sampling NFE needed for the sample quality of FFJORD
+after the full budget.
+
+Usage (from the repository root, after ``pip install -e ".[bench]"``)::
+
+    python benchmarks/time_to_quality.py --jobs 2            # all methods, all 8 datasets
+    python benchmarks/time_to_quality.py --datasets rings --methods ffjord,ot-cfm --jobs 2
+    python benchmarks/time_to_quality.py --table-only        # rebuild table and plots
+
+Finished cells (``runs/ttq/DATASET/METHOD/cell.json``) are kept and not rerun unless
+``--force``, so the benchmark can be run in parts; the table covers every finished cell.
+Writes ``benchmarks/results/time_to_quality.{md,json,png}`` and one density figure per dataset.
+``--jobs 2`` runs two cells at a time, one torch thread each (a 2-D CNF step uses one core as
+well as two, measured), so on a 2-core machine each run keeps its own core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+DATASETS = ("8gaussians", "checkerboard", "2spirals", "pinwheel", "rings", "circles", "moons",
+            "swissroll")
+METHODS = {
+    "ffjord": ["--model", "ffjord"],
+    "ffjord-rnode": ["--model", "ffjord", "--kinetic", "0.01", "--jacobian", "0.01"],
+    "cfm": ["--model", "cfm"],
+    "ot-cfm": ["--model", "cfm", "--coupling", "ot"],
+    "zuko": None,
+}
+FLOWLAB_METHODS = ("ffjord", "ffjord-rnode", "cfm", "ot-cfm")
+GRID = (10, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600)
+BUDGETS = (60, 180, 600)
+THRESHOLD = 0.10
+N_TEST, N_TRACK = 20_000, 2_000
+CELL = "cell.json"
+
+
+# -- one cell: train, evaluate the snapshots, sample ------------------------------------------
+def _flowlab_model(run: Path, snapshot: str):
+    from flowlab.train.checkpoint import load_model
+
+    return load_model(run / "snapshots" / snapshot).double().eval()
+
+
+def _evaluate_flowlab(run: Path, snapshot: str, points, dataset, full: bool) -> dict:
+    from flowlab.eval.nll import evaluate_nll
+    from flowlab.ode import SolverConfig
+
+    model = _flowlab_model(run, snapshot)
+    tol = 1e-6 if full else 1e-5
+    result = evaluate_nll(model, points, batch_size=5000, solver=SolverConfig(atol=tol, rtol=tol),
+                          entropy=dataset.entropy, reference=dataset)
+    return result.to_dict()
+
+
+def _evaluate_zuko(run: Path, snapshot: str, points, dataset, full: bool) -> dict:
+    from peers import zuko_cnf
+
+    flow = zuko_cnf.load_flow(run, snapshot)
+    tol = 1e-6 if full else 1e-5
+    row = zuko_cnf.evaluate(flow, points, batch_size=5000, atol=tol, rtol=tol, reference=dataset)
+    row.update(entropy_nats=dataset.entropy, gap_nats=row["nll_nats"] - dataset.entropy)
+    return row
+
+
+def _sampling_rows(method: str, run: Path, snapshot: str, dataset) -> list[dict]:
+    """Sample quality against NFE of the final model (the same 5,000 base points per row)."""
+    import torch
+
+    from flowlab.eval import sample_quality, sampling_sweep
+
+    if method == "zuko":
+        from peers import zuko_cnf
+
+        flow = zuko_cnf.load_flow(run, snapshot)
+        start = time.perf_counter()
+        samples, nfe = zuko_cnf.sample(flow, 5000, seed=0)
+        seconds = time.perf_counter() - start
+        quality = sample_quality(samples.double(), dataset).to_dict()
+        return [{"solver": "zuko dopri5 (1e-6, 1e-5)", "steps": None, "nfe": nfe,
+                 "seconds": seconds, **quality, "error": None}]
+    model = _flowlab_model(run, snapshot).float()
+    with torch.no_grad():
+        return sampling_sweep(model, dataset, n=5000, seed=0)
+
+
+def _density_grid(method: str, run: Path, snapshot: str, bounds: float, resolution: int):
+    import torch
+
+    from flowlab.ode import SolverConfig
+    from flowlab.viz import grid_log_prob
+
+    if method == "zuko":
+        from peers import zuko_cnf
+
+        flow = zuko_cnf.load_flow(run, snapshot).eval()
+
+        def log_prob(x):
+            return zuko_cnf.log_density(flow, x, atol=1e-5, rtol=1e-5, dtype=torch.float32)[0]
+    else:
+        model = _flowlab_model(run, snapshot).float()
+        solver = SolverConfig(atol=1e-5, rtol=1e-5)
+
+        def log_prob(x):
+            return model.log_prob(x, solver=solver)
+    _, _, logp = grid_log_prob(log_prob, bounds, resolution)
+    return logp.tolist()
+
+
+def run_cell(method: str, name: str, seconds: float, run: Path, zuko_lr: float) -> None:
+    """Train one (method, dataset) cell in this process, then evaluate it into cell.json."""
+    import torch
+
+    from flowlab.data import get_dataset
+    from flowlab.eval import heldout_points
+
+    torch.set_num_threads(1)
+    grid = [t for t in GRID if t < seconds] + [seconds]
+    wall = time.perf_counter()
+    if method == "zuko":
+        from peers import zuko_cnf
+
+        shutil.rmtree(run, ignore_errors=True)  # a rerun starts clean, as --force does
+        zuko_cnf.train(name, seconds, run, snapshot_at=grid, lr=zuko_lr)
+    else:
+        from flowlab.cli import main as flowlab
+
+        code = flowlab(["train", "--data", name, *METHODS[method], "--seconds", str(seconds),
+                        "--out", str(run), "--force", "--no-progress", "--threads", "1",
+                        "--snapshot-at", ",".join(str(t) for t in grid)])
+        if code != 0:
+            raise SystemExit(f"training {method} on {name} failed")
+    train_wall = time.perf_counter() - wall
+    dataset = get_dataset(name)
+    points = heldout_points(dataset, N_TEST)
+    # flowlab lists its snapshots in snapshots/, the zuko peer beside the folder
+    listed = [p for p in (run / "snapshots" / "snapshots.json", run / "snapshots.json")
+              if p.is_file()]
+    index = json.loads(listed[0].read_text())
+    evaluate = _evaluate_zuko if method == "zuko" else _evaluate_flowlab
+    rows = []
+    for entry in index:
+        full = entry["at"] in BUDGETS or entry["at"] == seconds
+        row = evaluate(run, entry["file"], points if full else points[:N_TRACK], dataset, full)
+        row["eval_seconds"] = row.pop("seconds")  # "seconds" is the training clock
+        rows.append({**entry, **row, "full": full})
+        print(f"{name:>12} {method:>12} t={entry['at']:>5.0f}s step {entry['step']:>6} "
+              f"gap {row['gap_nats']:+.4f} ± {row['nll_se']:.4f} (n={row['n_test']})", flush=True)
+    final = index[-1]["file"]
+    cell = {
+        "method": method, "dataset": name, "entropy": dataset.entropy, "budget": seconds,
+        "train_wall_seconds": train_wall, "snapshots": rows,
+        "sampling": _sampling_rows(method, run, final, dataset),
+        "density": _density_grid(method, run, final, dataset.bounds, 80),
+    }
+    (run / CELL).write_text(json.dumps(cell))
+
+
+# -- the table ---------------------------------------------------------------------------------
+def _at(cell: dict, budget: float) -> dict | None:
+    return next((r for r in cell["snapshots"] if r["at"] == budget), None)
+
+
+def time_to(cell: dict, test) -> float | None:
+    """Training time of the first snapshot that passes ``test`` (None: never)."""
+    return next((r["seconds"] for r in cell["snapshots"] if test(r)), None)
+
+
+def sampling_nfe(cell: dict, target_mmd: float | None) -> int | None:
+    """Fewest sampling NFE whose samples' MMD^2 to fresh data is at most ``target_mmd``."""
+    if target_mmd is None:
+        return None
+    ok = [r["nfe"] for r in cell["sampling"] if r.get("mmd2") is not None
+          and r["mmd2"] <= target_mmd]
+    return min(ok) if ok else None
+
+
+def _fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def summarize(cells: dict[tuple[str, str], dict], budgets: tuple[float, ...]) -> tuple[str, dict]:
+    lines = [
+        "| dataset | method | steps | " + " | ".join(f"gap @ {b:.0f} s" for b in budgets)
+        + f" | KL @ {budgets[-1]:.0f} s | time to gap ≤ {THRESHOLD} | time to FFJORD@"
+        f"{budgets[-1]:.0f}s quality | NFE eval | NFE sampling at FFJORD quality |",
+        "|---|---|---|" + "---|" * len(budgets) + "---|---|---|---|---|",
+    ]
+    verdicts = {}
+    for name in DATASETS:
+        row_cells = {m: cells[(name, m)] for m in METHODS if (name, m) in cells}
+        if not row_cells:
+            continue
+        reference = row_cells.get("ffjord")
+        ref_final = _at(reference, budgets[-1]) if reference else None
+        ref_kl = ref_final["kl_nats"] if ref_final else None
+        ref_mmd = None
+        if reference:
+            adaptive = [r for r in reference["sampling"] if r["steps"] is None and r.get("mmd2")]
+            ref_mmd = adaptive[0]["mmd2"] + 2 * adaptive[0]["mmd2_se"] if adaptive else None
+        reach = {}
+        for method, cell in row_cells.items():
+            final = cell["snapshots"][-1]
+            gaps = []
+            for b in budgets:
+                r = _at(cell, b)
+                gaps.append("-" if r is None else f"{r['gap_nats']:+.3f} ± {r['nll_se']:.3f}")
+            t_thr = time_to(cell, lambda r: r["gap_nats"] <= THRESHOLD)
+            t_ref = (time_to(cell, lambda r, kl=ref_kl: r["kl_nats"] <= kl)
+                     if ref_kl is not None else None)
+            reach[method] = t_ref
+            kl = _at(cell, budgets[-1])
+            lines.append(
+                f"| {name} | {method} | {final['step']} | " + " | ".join(gaps)
+                + f" | {_fmt(kl and kl['kl_nats'], '.4f')} | {_fmt(t_thr, '.0f', '> budget')}"
+                + f" | {_fmt(t_ref, '.0f', '> budget')} | {_fmt(final.get('nfe'), '.0f')}"
+                + f" | {_fmt(sampling_nfe(cell, ref_mmd), 'd', 'not reached')} |"
+            )
+        flowlab_times = [reach[m] for m in FLOWLAB_METHODS if m != "ffjord" and reach.get(m)]
+        best = min(flowlab_times) if flowlab_times else None
+        zuko = row_cells.get("zuko")
+        beats_zuko = None
+        if zuko is not None:
+            beats_zuko = all(
+                min(_at(row_cells[m], b)["gap_nats"] for m in FLOWLAB_METHODS
+                    if m in row_cells and _at(row_cells[m], b))
+                < _at(zuko, b)["gap_nats"]
+                for b in budgets if _at(zuko, b)
+            )
+        verdicts[name] = {
+            "best_time_to_ffjord_quality": best,
+            "speedup": (budgets[-1] / best) if best else None,
+            "smaller_gap_than_zuko_at_every_budget": beats_zuko,
+        }
+    return "\n".join(lines), verdicts
+
+
+def plot(cells: dict[tuple[str, str], dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in DATASETS if any((n, m) in cells for m in METHODS)]
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for method in METHODS:
+            cell = cells.get((name, method))
+            if cell is None:
+                continue
+            snaps = cell["snapshots"]
+            ax.plot([r["seconds"] for r in snaps], [max(r["gap_nats"], 1e-3) for r in snaps],
+                    marker="o", ms=3, label=method)
+        ax.axhline(THRESHOLD, color="grey", ls="--", lw=0.8)
+        ax.set(xscale="log", yscale="log", title=name, xlabel="training time (s)",
+               ylabel="test NLL − H (nats)")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_densities(cells: dict[tuple[str, str], dict], results: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from flowlab.data import get_dataset
+    from flowlab.viz import grid_log_prob
+
+    written = []
+    for name in DATASETS:
+        methods = [m for m in METHODS if (name, m) in cells]
+        if not methods:
+            continue
+        dataset = get_dataset(name)
+        _, _, true = grid_log_prob(dataset.log_prob, dataset.bounds, 80, dtype=torch.float64)
+        panels = [("true density", np.exp(true))] + [
+            (f"{m} @ {cells[(name, m)]['budget']:.0f} s",
+             np.exp(np.asarray(cells[(name, m)]["density"]))) for m in methods
+        ]
+        vmax = np.exp(true).max()
+        fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
+        b = dataset.bounds
+        for ax, (title, dens) in zip(np.atleast_1d(axes), panels, strict=True):
+            ax.imshow(dens, origin="lower", extent=(-b, b, -b, b), vmin=0, vmax=vmax)
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+        path = results / f"time_to_quality_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def load_cells(runs: Path) -> dict[tuple[str, str], dict]:
+    cells = {}
+    for path in sorted(runs.glob(f"*/*/{CELL}")):
+        cell = json.loads(path.read_text())
+        cells[(cell["dataset"], cell["method"])] = cell
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--seconds", type=float, default=600.0, help="training budget per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (one thread each)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/ttq"))
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    parser.add_argument("--zuko-lr", type=float, default=5e-3,
+                        help="learning rate of the zuko peer (flowlab's FFJORD default)")
+    parser.add_argument("--force", action="store_true", help="rerun finished cells")
+    parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--cell", nargs=2, metavar=("METHOD", "DATASET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    if args.cell:
+        method, name = args.cell
+        run_cell(method, name, args.seconds, args.runs / name / method, args.zuko_lr)
+        return
+    names = [n for n in args.datasets.split(",") if n]
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    for n in names:
+        if n not in DATASETS:
+            parser.error(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)}")
+    if not args.table_only:
+        todo = [(m, n) for n in names for m in methods
+                if args.force or not (args.runs / n / m / CELL).is_file()]
+        print(f"{len(todo)} runs of {args.seconds:.0f} s, {args.jobs} at a time", flush=True)
+
+        def launch(job):
+            method, name = job
+            cmd = [sys.executable, __file__, "--cell", method, name, "--seconds",
+                   str(args.seconds), "--runs", str(args.runs), "--zuko-lr", str(args.zuko_lr)]
+            subprocess.run(cmd, check=True)
+
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(launch, todo))
+    cells = load_cells(args.runs)
+    if not cells:
+        raise SystemExit(f"no finished runs under {args.runs}")
+    budgets = tuple(b for b in BUDGETS if b < args.seconds) + (args.seconds,)
+    text_table, verdicts = summarize(cells, budgets)
+    args.results.mkdir(parents=True, exist_ok=True)
+    plot(cells, args.results / "time_to_quality.png")
+    plot_densities(cells, args.results)
+    machine = (f"{platform.machine()}, {platform.processor() or 'cpu'}, Python "
+               f"{platform.python_version()}, {args.jobs} run(s) at a time, one thread each")
+    verdict_lines = "\n".join(
+        f"- {n}: best flowlab CNF (not ffjord) reaches FFJORD@{budgets[-1]:.0f}s paired KL at "
+        f"{_fmt(v['best_time_to_ffjord_quality'], '.0f', 'never')} s"
+        + (f" ({v['speedup']:.0f}x sooner)" if v["speedup"] else "")
+        + ("" if v["smaller_gap_than_zuko_at_every_budget"] is None else
+           f"; smaller gap than zuko at every budget: "
+           f"{'yes' if v['smaller_gap_than_zuko_at_every_budget'] else 'no'}")
+        for n, v in verdicts.items()
+    )
+    command = "python benchmarks/time_to_quality.py " + " ".join(
+        a for a in sys.argv[1:] if a != "--table-only")
+    text = (
+        "# Time to quality of CNFs on the 2-D densities\n\n"
+        f"Command: `{command}`  \nMachine: {machine}.  \n"
+        f"Gaps are test NLL − H in nats ± 1 s.e. at the budgets, on {N_TEST:,} fresh points "
+        "(exact divergence, dopri5 atol=rtol=1e-6, float64); the time columns use all "
+        f"snapshots (those off the budgets on {N_TRACK:,} points at 1e-5). 'FFJORD@budget "
+        "quality' is the paired KL(data‖model) that ffjord has at the end of its budget; "
+        "sampling NFE is the fewest function evaluations (euler/midpoint/rk4 at 1-16 steps, "
+        "or adaptive) whose samples' MMD² to fresh data is within 2 s.e. of ffjord's adaptive "
+        f"samples.\n\n{text_table}\n\n{verdict_lines}\n\n![gap against time](time_to_quality.png)\n"
+    )
+    (args.results / "time_to_quality.md").write_text(text)
+    (args.results / "time_to_quality.json").write_text(json.dumps(
+        {"verdicts": verdicts, "cells": [
+            {k: v for k, v in c.items() if k != "density"} for c in cells.values()]}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
