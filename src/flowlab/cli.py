@@ -501,6 +501,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from flowlab.eval.samples import BLOCKS, sample_quality
 
+    out = args.out or args.run / "samples.npy"
+    if out.suffix not in (".npy", ".csv"):
+        raise ConfigError(f"unknown sample file type {out.suffix!r}; use .npy or .csv")
     model, _, dataset = _load(args.run)
     solver = _solver_from_args(args, model.eval_solver)
     model.eval()
@@ -512,13 +515,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         x, stats = model.to_data_with_stats(z, solver=solver)
     seconds = time.perf_counter() - start
     samples = x.cpu().numpy()
-    out = args.out or args.run / "samples.npy"
     if out.suffix == ".csv":
         np.savetxt(out, samples, delimiter=",")
-    elif out.suffix == ".npy":
-        np.save(out, samples)
     else:
-        raise ConfigError(f"unknown sample file type {out.suffix!r}; use .npy or .csv")
+        np.save(out, samples)
     nfe = sum(s.nfe_forward for s in stats)
     print(f"wrote {args.num} samples to {out} in {seconds:.1f} s ({solver.describe()}, "
           f"NFE {nfe})")
