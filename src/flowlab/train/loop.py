@@ -153,13 +153,16 @@ class WeightAverage:
         for name, param in model.named_parameters():
             self.shadow[name].lerp_(param.detach(), 1 - decay)
 
+    @torch.no_grad()
+    def copy_to(self, model: DensityModel) -> None:
+        for name, param in model.named_parameters():
+            param.copy_(self.shadow[name])
+
     @contextmanager
     def applied(self, model: DensityModel):
         """Within the block the model holds the averaged weights."""
         saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(self.shadow[name])
+        self.copy_to(model)
         try:
             yield model
         finally:
@@ -363,8 +366,5 @@ def train(
         if stopped_by == "interrupt":
             print(f"\ninterrupted at step {step}; resume with `flowlab train --resume {run_dir}`")
     if ema is not None:
-        # The trained model is the averaged one (the checkpoint keeps both for resuming).
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(ema.shadow[name])
+        ema.copy_to(model)  # the trained model is the average (the checkpoint keeps both)
     return TrainResult(step, seconds, metrics, stopped_by)
