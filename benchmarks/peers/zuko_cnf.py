@@ -59,7 +59,7 @@ from flowlab.data import get_dataset
 from flowlab.errors import ConfigError, NonFiniteError, RunDirError, SolverError
 from flowlab.eval.nll import heldout_points, mean_and_se
 from flowlab.train.checkpoint import atomic_write_bytes, atomic_write_json
-from flowlab.train.loop import TrainConfig, learning_rate
+from flowlab.train.loop import TrainConfig, check_finite, learning_rate
 
 CONFIG = "config.json"
 LOG = "log.jsonl"
@@ -153,15 +153,6 @@ def data_stream(dataset: Any, batch_size: int, seed: int) -> Iterator[torch.Tens
         yield dataset.sample(batch_size, generator=generator)
 
 
-def _check_gradients(step: int, flow: torch.nn.Module) -> None:
-    for name, param in flow.named_parameters():
-        if param.grad is not None and not torch.isfinite(param.grad).all():
-            raise NonFiniteError(
-                f"step {step}: the gradient of parameter {name!r} contains NaN or Inf; lower "
-                "the learning rate"
-            )
-
-
 def train(
     dataset_name: str,
     seconds: float,
@@ -245,7 +236,7 @@ def train(
                         )
                     loss.backward()
                 nfe_backward = count.calls - nfe_forward
-                _check_gradients(step, flow)
+                check_finite(step, loss.detach(), flow)
                 optimizer.step()
                 step += 1
                 elapsed = time.perf_counter() - start

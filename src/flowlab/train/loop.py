@@ -126,7 +126,8 @@ def _progress(config: TrainConfig, step: int, seconds: float) -> float:
     return max(fractions)
 
 
-def _check_finite(step: int, loss: torch.Tensor, model: DensityModel) -> None:
+def check_finite(step: int, loss: torch.Tensor, model: torch.nn.Module) -> None:
+    """Raise NonFiniteError naming the step if the loss or a gradient is NaN or Inf."""
     if not torch.isfinite(loss):
         raise NonFiniteError(
             f"step {step}: the training loss is {float(loss)}; lower the learning rate or add "
@@ -317,7 +318,7 @@ def train(
                 out.loss.backward()
             except (SolverError, NonFiniteError) as err:
                 raise type(err)(f"step {step}: {err}") from err
-            _check_finite(step, out.loss.detach(), model)
+            check_finite(step, out.loss.detach(), model)
             if config.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
