@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser(
         "train", help="train a model and write a run folder",
         description="Train a model on a dataset; writes config.json, log.jsonl, "
-                    "checkpoint.safetensors and model.safetensors into --out.",
+                    "checkpoints/ and model.safetensors into --out.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tr.add_argument("--data", default="8gaussians",
@@ -129,8 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--threads", type=_positive_int, default=1,
                      help="torch CPU threads (1 is fastest for 2-D problems)")
-    opt.add_argument("--checkpoint-every", type=_positive_float, default=60.0,
-                     help="seconds between resume checkpoints")
+    faults = tr.add_argument_group("checkpoints and faults")
+    faults.add_argument("--checkpoint-every", type=_positive_float, default=60.0,
+                        help="seconds of training between resume checkpoints")
+    faults.add_argument("--checkpoint-every-steps", type=_positive_int, default=None,
+                        help="also write a checkpoint every this many steps")
+    faults.add_argument("--keep-checkpoints", type=_positive_int, default=3,
+                        help="newest checkpoints kept in RUN/checkpoints/")
+    faults.add_argument("--on-nonfinite", choices=("restore", "stop"), default="restore",
+                        help="on a NaN/Inf loss or gradient or a failed ODE solve: restore the "
+                             "last good state with half the learning rate, or stop")
+    faults.add_argument("--max-restores", type=_number(int, 0, inclusive=True), default=3,
+                        help="restores allowed before the run stops with the error")
     opt.add_argument("--ema", type=_number(float, 0.0, inclusive=True), default=0.0,
                      help="decay of an exponential moving average of the weights, e.g. 0.999 "
                           "(0: off); the saved model holds the averaged weights")
@@ -362,6 +373,14 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
+def _has_progress(run_dir: Path) -> bool:
+    """Whether a run folder holds any training (a checkpoint or a log record)."""
+    from flowlab.train.checkpoint import LOG, list_checkpoints
+
+    log = run_dir / LOG
+    return bool(list_checkpoints(run_dir)) or (log.is_file() and log.stat().st_size > 0)
+
+
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
@@ -396,6 +415,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             iters=args.iters, seconds=seconds, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, schedule=args.schedule, grad_clip=args.grad_clip,
             checkpoint_every=args.checkpoint_every, seed=args.seed, ema=args.ema,
+            checkpoint_every_steps=args.checkpoint_every_steps,
+            keep_checkpoints=args.keep_checkpoints, on_nonfinite=args.on_nonfinite,
+            max_restores=args.max_restores,
             snapshot_at=tuple(args.snapshot_at),
         )
         torch.manual_seed(args.seed)
@@ -418,27 +440,38 @@ def cmd_train(args: argparse.Namespace) -> int:
                     f"with --resume {run_dir}, or replace it with --force"
                 )
             shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"cannot create the run folder {run_dir}: "
+                              f"{err.strerror or err}; choose another --out") from err
         config = {
             "flowlab_version": __version__, "dataset": dataset.name, "model": model.name,
             "model_options": model.config(), "train": train_config.to_dict(),
         }
-        if args.reflow is not None:
-            config["reflow"] = _make_pairs(args.reflow, args.pairs, run_dir, args.seed,
-                                           progress=not args.no_progress)
-        _write_json(run_dir / CONFIG, config)
         resume = False
 
-    sampler = (_pair_sampler(run_dir) if "reflow" in config
-               else lambda n, gen: dataset.sample(n, generator=gen))
-
-    val = heldout_points(dataset, train_config.val_size, seed=10_000 + train_config.seed)
-    print(f"training {model.name} ({model.num_parameters():,} parameters) on {dataset.name} "
-          f"(true entropy H = {dataset.entropy:.4f} nats) into {run_dir}")
-    result = train(
-        model, sampler, train_config, run_dir,
-        resume=resume, progress=not args.no_progress, val_points=val.float(),
-    )
+    try:
+        if not resume:
+            if args.reflow is not None:
+                config["reflow"] = _make_pairs(args.reflow, args.pairs, run_dir, args.seed,
+                                               progress=not args.no_progress)
+            _write_json(run_dir / CONFIG, config)
+        sampler = (_pair_sampler(run_dir) if "reflow" in config
+                   else lambda n, gen: dataset.sample(n, generator=gen))
+        val = heldout_points(dataset, train_config.val_size, seed=10_000 + train_config.seed)
+        print(f"training {model.name} ({model.num_parameters():,} parameters) on "
+              f"{dataset.name} (true entropy H = {dataset.entropy:.4f} nats) into {run_dir}")
+        result = train(
+            model, sampler, train_config, run_dir,
+            resume=resume, progress=not args.no_progress, val_points=val.float(),
+        )
+    except BaseException:
+        if not resume and not _has_progress(run_dir):
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing half written is left
+        raise
+    if result.stopped_by != "budget":
+        return 128 + int(getattr(signal.Signals, result.stopped_by))
     last = result.last_metrics
     objective = (f"last batch NLL {last['nll']:.4f} nats" if "nll" in last
                  else f"last batch loss {last.get('loss', float('nan')):.4f}")

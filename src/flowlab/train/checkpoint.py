@@ -6,7 +6,9 @@ Layout of a run folder::
 
     config.json              model name and options, dataset, training options
     model.safetensors        final (or latest) weights; metadata repeats config.json
-    checkpoint.safetensors   resume state: weights, optimizer tensors, RNG states; JSON metadata
+    checkpoints/step-000000120.safetensors
+                             resume states (weights, optimizer tensors, RNG states, step, clock,
+                             learning-rate scale; JSON metadata), the last few kept
     log.jsonl                one JSON record per logged step
     eval.json, *.png, *.gif  written by `flowlab eval` and `flowlab plot`
 
@@ -33,7 +35,8 @@ from flowlab.models import DensityModel, build_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINTS = "checkpoints"
+LEGACY_CHECKPOINT = "checkpoint.safetensors"  # flowlab 0.1 kept one checkpoint here
 LOG = "log.jsonl"
 FORMAT_VERSION = 1
 
@@ -66,6 +69,59 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# -- resume checkpoints: one file per saved step, the newest few kept --------------------------
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:09d}.safetensors"
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    stem = path.name.removesuffix(".safetensors")
+    if not stem.startswith("step-") or not stem[5:].isdigit():
+        return None
+    return int(stem[5:])
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Resume checkpoints of a run folder, newest (highest step) first."""
+    folder = Path(run_dir) / CHECKPOINTS
+    found = []
+    if folder.is_dir():
+        found = [p for p in folder.iterdir() if _checkpoint_step(p) is not None]
+    found.sort(key=_checkpoint_step, reverse=True)
+    legacy = Path(run_dir) / LEGACY_CHECKPOINT
+    return found + ([legacy] if legacy.is_file() else [])
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (files set aside as corrupt stay)."""
+    for path in list_checkpoints(run_dir)[keep:]:
+        path.unlink(missing_ok=True)
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """Delete temporary files of :func:`atomic_write_bytes` left by a killed process."""
+    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS):
+        if folder.is_dir():
+            for path in folder.glob(".*.tmp"):
+                path.unlink(missing_ok=True)
+
+
+def truncate_log(run_dir: Path, step: int) -> None:
+    """Drop the log records written after ``step`` (the run resumes from there)."""
+    path = Path(run_dir) / LOG
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed process
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_bytes(path, "".join(f"{line}\n" for line in kept).encode())
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from flowlab.errors import ConfigError, NonFiniteError, RunDirError, SolverError
+from flowlab.errors import ConfigError, DataError, NonFiniteError, RunDirError, SolverError
 from flowlab.models import DensityModel
 from flowlab.train import checkpoint as ckpt
 
@@ -28,6 +33,7 @@ from flowlab.train import checkpoint as ckpt
 Sampler = Callable[[int, torch.Generator], torch.Tensor | tuple[torch.Tensor, ...]]
 SNAPSHOTS = "snapshots"
 SCHEDULES = ("constant", "cosine")
+NONFINITE_POLICIES = ("restore", "stop")
 
 
 @dataclass
@@ -47,7 +53,13 @@ class TrainConfig:
         log_every: write a log record every this many steps.
         val_every: validate (NLL on ``val_size`` fixed held-out points) this many times over
             the budget (0: never).
-        checkpoint_every: write the resume checkpoint every this many seconds.
+        checkpoint_every: write a resume checkpoint every this many seconds of training.
+        checkpoint_every_steps: also every this many steps (None: by time only). A process
+            killed with SIGKILL loses at most one interval.
+        keep_checkpoints: how many of the newest checkpoints to keep in ``checkpoints/``.
+        on_nonfinite: what a NaN/Inf loss or gradient, or a failed ODE solve, does:
+            ``restore`` (the last good state, with half the learning rate) or ``stop``.
+        max_restores: restores allowed before the run stops with the error.
         ema: decay of an exponential moving average of the weights (0: off). With it on,
             validation, snapshots and the saved model use the averaged weights; the decay is
             warmed up as ``min(ema, (1 + step) / (10 + step))``.
@@ -69,6 +81,10 @@ class TrainConfig:
     val_every: int = 10
     val_size: int = 2000
     checkpoint_every: float = 60.0
+    checkpoint_every_steps: int | None = None
+    keep_checkpoints: int = 3
+    on_nonfinite: str = "restore"
+    max_restores: int = 3
     ema: float = 0.0
     snapshot_at: tuple[float, ...] = ()
     seed: int = 0
@@ -88,6 +104,19 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose one of {SCHEDULES}")
         if self.log_every < 1:
             raise ConfigError(f"log_every must be at least 1, got {self.log_every}")
+        if not (self.checkpoint_every > 0):
+            raise ConfigError(f"checkpoint_every must be positive seconds, got "
+                              f"{self.checkpoint_every}")
+        if self.checkpoint_every_steps is not None and self.checkpoint_every_steps < 1:
+            raise ConfigError(f"checkpoint_every_steps must be at least 1, got "
+                              f"{self.checkpoint_every_steps}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"keep_checkpoints must be at least 1, got {self.keep_checkpoints}")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"unknown on_nonfinite policy {self.on_nonfinite!r}; choose one "
+                              f"of {NONFINITE_POLICIES}")
+        if self.max_restores < 0:
+            raise ConfigError(f"max_restores must be >= 0, got {self.max_restores}")
         if not (0 <= self.ema < 1):
             raise ConfigError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
         self.snapshot_at = tuple(sorted(float(s) for s in self.snapshot_at))
@@ -103,7 +132,8 @@ class TrainResult:
     steps: int
     seconds: float
     last_metrics: dict[str, float] = field(default_factory=dict)
-    stopped_by: str = "budget"
+    stopped_by: str = "budget"  # or "SIGINT", "SIGTERM"
+    restores: list[dict[str, Any]] = field(default_factory=list)
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -200,41 +230,153 @@ def save_snapshot(
     ckpt.atomic_write_json(index, sorted(entries, key=lambda e: e["at"]))
 
 
-def _rng_tensors(data_gen: torch.Generator) -> dict[str, torch.Tensor]:
-    return {"rng.torch": torch.get_rng_state(), "rng.data": data_gen.get_state()}
-
-
-def save_checkpoint(
-    run_dir: Path, model: DensityModel, optimizer: torch.optim.Optimizer,
-    data_gen: torch.Generator, step: int, seconds: float, ema: WeightAverage | None = None,
-) -> None:
+# -- the resume state: one payload, kept in memory as the last good state and saved to disk ----
+def _payload(
+    model: DensityModel, optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
+    ema: WeightAverage | None, step: int, seconds: float, lr_scale: float, restores: list,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Everything needed to continue training exactly: tensors (copied) and JSON metadata."""
     optim_tensors, optim_meta = ckpt.optimizer_to_tensors(optimizer)
-    tensors = {**ckpt.model_tensors(model), **optim_tensors, **_rng_tensors(data_gen)}
+    np_state = np.random.get_state()
+    tensors = {
+        **ckpt.model_tensors(model), **optim_tensors,
+        "rng.torch": torch.get_rng_state(), "rng.data": data_gen.get_state(),
+        "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+    }
     if ema is not None:
         tensors.update(ema.tensors())
-    meta = {**ckpt.model_metadata(model), "step": step, "seconds": seconds, "optim": optim_meta}
-    ckpt.save_tensors(run_dir / ckpt.CHECKPOINT, tensors, meta)
+    tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+    py_version, py_state, py_gauss = random.getstate()
+    meta = {
+        **ckpt.model_metadata(model), "step": step, "seconds": seconds, "lr_scale": lr_scale,
+        "restores": restores, "optim": optim_meta,
+        "rng_python": [py_version, list(py_state), py_gauss],
+        "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, json.loads(json.dumps(meta))  # a deep copy, and proof that it is JSON
 
 
-def _restore(
-    run_dir: Path, model: DensityModel, optimizer: torch.optim.Optimizer,
-    data_gen: torch.Generator, ema: WeightAverage | None,
-) -> tuple[int, float]:
-    path = run_dir / ckpt.CHECKPOINT
-    tensors, meta = ckpt.load_tensors(path)
+def _apply_payload(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], source: str, model: DensityModel,
+    optimizer: torch.optim.Optimizer, data_gen: torch.Generator, ema: WeightAverage | None,
+) -> None:
     if meta.get("model") != model.name or meta.get("model_options") != model.config():
-        raise RunDirError(f"{path}: the checkpoint was written for a different model")
-    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(state)
-    optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, meta["optim"]))
-    torch.set_rng_state(tensors["rng.torch"])
-    data_gen.set_state(tensors["rng.data"])
-    if ema is not None:
-        if not any(k.startswith("ema.") for k in tensors):
-            raise RunDirError(f"{path}: the checkpoint has no weight average, but ema is on; "
-                              "resume with the run's own options")
-        ema.load(tensors)
-    return int(meta["step"]), float(meta["seconds"])
+        raise RunDirError(f"{source}: the checkpoint was written for a different model "
+                          f"({meta.get('model')!r}); resume with the run's own config.json")
+    if ema is not None and not any(k.startswith("ema.") for k in tensors):
+        raise RunDirError(f"{source}: the checkpoint has no weight average, but ema is on; "
+                          "resume with the run's own options")
+    try:
+        state = {k.removeprefix("model."): v for k, v in tensors.items()
+                 if k.startswith("model.")}
+        model.load_state_dict(state)
+        optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, meta["optim"]))
+        torch.set_rng_state(tensors["rng.torch"])
+        data_gen.set_state(tensors["rng.data"])
+        if "rng.numpy" in tensors:
+            name, pos, has_gauss, gauss = meta["rng_numpy"]
+            keys = tensors["rng.numpy"].numpy().astype(np.uint32)
+            np.random.set_state((name, keys, pos, has_gauss, gauss))
+            version, state_ints, py_gauss = meta["rng_python"]
+            random.setstate((version, tuple(state_ints), py_gauss))
+        if ema is not None:
+            ema.load(tensors)
+    except (KeyError, RuntimeError, ValueError, TypeError) as err:
+        raise RunDirError(f"{source}: incomplete or inconsistent resume state ({err!r}); "
+                          "resume from an older checkpoint or start the run again") from err
+
+
+def save_checkpoint(run_dir: Path, tensors: dict, meta: dict, keep: int) -> Path:
+    """Write a payload as ``checkpoints/step-N.safetensors``; keep the ``keep`` newest."""
+    path = ckpt.checkpoint_path(run_dir, meta["step"])
+    path.parent.mkdir(exist_ok=True)
+    ckpt.save_tensors(path, tensors, meta)
+    ckpt.prune_checkpoints(run_dir, keep)
+    return path
+
+
+def load_latest_checkpoint(run_dir: Path) -> tuple[dict, dict, Path]:
+    """The newest readable checkpoint of a run folder.
+
+    Unreadable newer ones (truncated, corrupt) are renamed ``*.corrupt`` with a warning that
+    names each file and its problem, so that the run continues from the previous good one.
+    """
+    candidates = ckpt.list_checkpoints(run_dir)
+    if not candidates:
+        raise RunDirError(f"{run_dir} has no checkpoint to resume from (none in "
+                          f"{Path(run_dir) / ckpt.CHECKPOINTS}); start the run again")
+    problems = []
+    for path in candidates:
+        try:
+            tensors, meta = ckpt.load_tensors(path)
+            if "step" not in meta or "optim" not in meta:
+                raise RunDirError(f"{path}: not a resume checkpoint (no step or optimizer)")
+        except RunDirError as err:
+            problems.append(str(err))
+            continue
+        for bad in candidates[: len(problems)]:
+            if bad.exists() and bad.parent.name == ckpt.CHECKPOINTS:
+                bad.replace(bad.with_name(bad.name + ".corrupt"))
+        for problem in problems:
+            warnings.warn(f"skipped an unreadable checkpoint, set aside as *.corrupt: {problem}",
+                          stacklevel=2)
+        return tensors, meta, path
+    raise RunDirError(f"no readable checkpoint in {run_dir}:\n  " + "\n  ".join(problems))
+
+
+@contextmanager
+def _writing(what: str, run_dir: Path, last_good: Path | None):
+    """Turn a failed write (disk full, permissions) into one clear error about resuming."""
+    try:
+        yield
+    except OSError as err:
+        where = (f"the last good checkpoint is {last_good}" if last_good is not None
+                 else "no checkpoint was written yet")
+        raise RunDirError(
+            f"could not write {what} in {run_dir}: {err.strerror or err}; {where}. Free disk "
+            f"space or fix the folder's permissions, then continue with "
+            f"`flowlab train --resume {run_dir}`"
+        ) from err
+
+
+class _StopSignals:
+    """SIGINT and SIGTERM ask the loop to stop after the current step (a second SIGINT stops
+    at once). Handlers are only installed in the main thread, and restored on exit."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+
+def check_first_batch(batch: tuple[torch.Tensor, ...], model: DensityModel) -> None:
+    """Validate a sampler's output before anything is written: a clear DataError otherwise."""
+    for tensor in batch:
+        if not isinstance(tensor, torch.Tensor):
+            raise DataError(f"the data sampler returned {type(tensor).__name__}, not a tensor of "
+                            "points; it must return a (batch, *event_shape) tensor")
+        if tensor.ndim == 0 or tensor.shape[0] == 0:
+            raise DataError(f"the data sampler returned an empty batch (shape "
+                            f"{tuple(tensor.shape)}); is the data set empty?")
+    model.check_input(batch[0])
 
 
 def validation_nll(model: DensityModel, points: torch.Tensor) -> float:
@@ -268,10 +410,16 @@ def train(
 ) -> TrainResult:
     """Train ``model`` on points from ``sampler(batch_size, generator)``.
 
-    Writes ``log.jsonl``, ``checkpoint.safetensors`` and ``model.safetensors`` to ``run_dir``
-    (if given). With ``config.ema`` the model ends holding the averaged weights. With
-    ``resume``, continues from the checkpoint there: the same seed and budget then continue
-    the interrupted run step for step.
+    Writes ``log.jsonl``, ``checkpoints/`` and ``model.safetensors`` to ``run_dir`` (if
+    given). With ``config.ema`` the model ends holding the averaged weights. With ``resume``,
+    continues from the newest readable checkpoint there: the same config then continues the
+    interrupted run step for step (bitwise, with an ``iters`` budget on the same hardware).
+
+    A NaN or Inf loss or gradient, or a failed ODE solve, is handled by
+    ``config.on_nonfinite``: ``restore`` goes back to the last good state (the last
+    checkpoint, kept in memory) with half the learning rate, at most ``config.max_restores``
+    times; ``stop`` (or one fault too many) raises the error with the step and the quantity.
+    SIGINT and SIGTERM stop after the current step with a checkpoint written.
     """
     ref = next(iter(model.parameters()))
     data_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
@@ -279,93 +427,171 @@ def train(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
     ema = WeightAverage(model, config.ema) if config.ema > 0 else None
-    step, seconds = 0, 0.0
+    step, seconds, lr_scale, restores = 0, 0.0, 1.0, []
+    last_path: Path | None = None
     if run_dir is not None:
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            step, seconds = _restore(run_dir, model, optimizer, data_gen, ema)
-    log_file = open(run_dir / ckpt.LOG, "a") if run_dir is not None else None  # noqa: SIM115
+            tensors, meta, last_path = load_latest_checkpoint(run_dir)
+            _apply_payload(tensors, meta, str(last_path), model, optimizer, data_gen, ema)
+            step, seconds = int(meta["step"]), float(meta["seconds"])
+            lr_scale, restores = float(meta.get("lr_scale", 1.0)), list(meta.get("restores", []))
+    # The first batch is checked before anything is written, then drawn again.
+    state = data_gen.get_state()
+    first = sampler(config.batch_size, data_gen)
+    check_first_batch(first if isinstance(first, tuple) else (first,), model)
+    data_gen.set_state(state)
+    if run_dir is not None:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"cannot create the run folder {run_dir}: "
+                              f"{err.strerror or err}") from err
+        ckpt.remove_temporaries(run_dir)  # left by a process killed while writing
+        if resume:
+            ckpt.truncate_log(run_dir, step)
+    last_good = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores)
 
-    total = config.iters if config.iters is not None else None
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=config.iters, initial=step, unit="step", dynamic_ncols=True,
                    desc=f"train {model.name}")
-    val_marks = (
-        [(i + 1) / config.val_every for i in range(config.val_every)]
-        if val_points is not None and config.val_every > 0 else []
-    )
-    val_marks = [m for m in val_marks if m > _progress(config, step, seconds)]
-    snapshot_marks = [t for t in config.snapshot_at if t > seconds] if run_dir is not None else []
-    last_checkpoint = seconds
+
+    def marks(progress_now: float, seconds_now: float) -> tuple[list[float], list[float]]:
+        val = ([(i + 1) / config.val_every for i in range(config.val_every)]
+               if val_points is not None and config.val_every > 0 else [])
+        snaps = list(config.snapshot_at) if run_dir is not None else []
+        return [m for m in val if m > progress_now], [t for t in snaps if t > seconds_now]
+
+    val_marks, snapshot_marks = marks(_progress(config, step, seconds), seconds)
+    last_checkpoint = (step, seconds)
     metrics: dict[str, float] = {}
     stopped_by = "budget"
+    updating = False  # True while parameters and counters disagree (mid-update)
+    log_file = None
     model.train()
-    try:
-        while _progress(config, step, seconds) < 1.0:
-            start = time.perf_counter()
-            lr = learning_rate(config, step, _progress(config, step, seconds))
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = sampler(config.batch_size, data_gen)
-            batch = tuple(b.to(ref) for b in (batch if isinstance(batch, tuple) else (batch,)))
-            optimizer.zero_grad(set_to_none=True)
-            try:
-                out = model.training_loss(*batch)
-                out.loss.backward()
-            except (SolverError, NonFiniteError) as err:
-                raise type(err)(f"step {step}: {err}") from err
-            check_finite(step, out.loss.detach(), model)
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            if ema is not None:
-                ema.update(model, step)
-            step += 1
-            seconds += time.perf_counter() - start
-            metrics = {**out.metrics, "loss": float(out.loss.detach()), "lr": lr}
-            if out.stats:
-                metrics["nfe_backward"] = float(sum(s.nfe_backward for s in out.stats))
-            record: dict[str, Any] = {"step": step, "seconds": round(seconds, 3), **metrics}
-            progress = _progress(config, step, seconds)
-            if val_marks and progress >= val_marks[0]:
-                val_marks = [m for m in val_marks if m > progress]
-                with _averaged(ema, model):
-                    record["val_nll"] = validation_nll(model, val_points.to(ref))
-            while snapshot_marks and seconds >= snapshot_marks[0]:
-                with _averaged(ema, model):
-                    save_snapshot(run_dir, model, snapshot_marks.pop(0), seconds, step)
-            if log_file is not None and (step % config.log_every == 0 or "val_nll" in record):
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            if callback is not None:
-                callback(record)
+    with _StopSignals() as signals:
+        try:
+            if run_dir is not None:
+                with _writing(ckpt.LOG, run_dir, last_path):
+                    log_file = open(run_dir / ckpt.LOG, "a")  # noqa: SIM115
+            while _progress(config, step, seconds) < 1.0:
+                if signals.signum is not None:
+                    stopped_by = signals.name
+                    break
+                start = time.perf_counter()
+                lr = lr_scale * learning_rate(config, step, _progress(config, step, seconds))
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = sampler(config.batch_size, data_gen)
+                batch = tuple(b.to(ref) for b in (batch if isinstance(batch, tuple) else (batch,)))
+                optimizer.zero_grad(set_to_none=True)
+                try:
+                    out = model.training_loss(*batch)
+                    out.loss.backward()
+                    check_finite(step, out.loss.detach(), model)
+                except (SolverError, NonFiniteError) as err:
+                    text = str(err) if str(err).startswith("step ") else f"step {step}: {err}"
+                    tensors, meta = last_good
+                    hopeless = not all(torch.isfinite(v).all() for k, v in tensors.items()
+                                       if k.startswith("model.") and v.is_floating_point())
+                    if hopeless:
+                        text += ("; the parameters of the last good state are themselves not "
+                                 "finite, so restoring it cannot help")
+                    if (config.on_nonfinite == "stop" or hopeless
+                            or len(restores) >= config.max_restores):
+                        if restores:
+                            text += (f" (after {len(restores)} restore(s) of the last good "
+                                     f"state with half the learning rate each)")
+                        raise type(err)(text) from err
+                    _apply_payload(tensors, meta, "the last good state", model, optimizer,
+                                   data_gen, ema)
+                    restores.append({"step": step, "restored_step": meta["step"],
+                                     "error": text})
+                    step, seconds = int(meta["step"]), float(meta["seconds"])
+                    lr_scale = float(meta["lr_scale"]) * 0.5
+                    warnings.warn(
+                        f"{text}; restored the state of step {step} and halved the learning "
+                        f"rate (scale {lr_scale:g}; restore {len(restores)} of at most "
+                        f"{config.max_restores})", stacklevel=2)
+                    last_good = _payload(model, optimizer, data_gen, ema, step, seconds,
+                                         lr_scale, restores)
+                    if run_dir is not None:
+                        log_file.close()
+                        with _writing(ckpt.LOG, run_dir, last_path):
+                            ckpt.truncate_log(run_dir, step)
+                            log_file = open(run_dir / ckpt.LOG, "a")  # noqa: SIM115
+                    val_marks, snapshot_marks = marks(_progress(config, step, seconds), seconds)
+                    if bar is not None:
+                        bar.n = step
+                    continue
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                updating = True
+                optimizer.step()
+                if ema is not None:
+                    ema.update(model, step)
+                step += 1
+                seconds += time.perf_counter() - start
+                updating = False
+                metrics = {**out.metrics, "loss": float(out.loss.detach()), "lr": lr}
+                if out.stats:
+                    metrics["nfe_backward"] = float(sum(s.nfe_backward for s in out.stats))
+                record: dict[str, Any] = {"step": step, "seconds": round(seconds, 3), **metrics}
+                now = _progress(config, step, seconds)
+                if val_marks and now >= val_marks[0]:
+                    val_marks = [m for m in val_marks if m > now]
+                    with _averaged(ema, model):
+                        record["val_nll"] = validation_nll(model, val_points.to(ref))
+                while snapshot_marks and seconds >= snapshot_marks[0]:
+                    with _averaged(ema, model), _writing("a snapshot", run_dir, last_path):
+                        save_snapshot(run_dir, model, snapshot_marks.pop(0), seconds, step)
+                if log_file is not None and (step % config.log_every == 0 or "val_nll" in record):
+                    with _writing(ckpt.LOG, run_dir, last_path):
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
+                if callback is not None:
+                    callback(record)
+                if bar is not None:
+                    bar.update(1)
+                    shown = {"nll": f"{metrics.get('nll', float('nan')):.3f}",
+                             "nfe": int(metrics.get("nfe_forward", 0)), "s": int(seconds)}
+                    if "val_nll" in record:
+                        shown["val"] = f"{record['val_nll']:.3f}"
+                    bar.set_postfix(shown, refresh=False)
+                due = (seconds - last_checkpoint[1] >= config.checkpoint_every
+                       or (config.checkpoint_every_steps is not None
+                           and step - last_checkpoint[0] >= config.checkpoint_every_steps))
+                if due:
+                    last_good = _payload(model, optimizer, data_gen, ema, step, seconds,
+                                         lr_scale, restores)
+                    last_checkpoint = (step, seconds)
+                    if run_dir is not None:
+                        with _writing("a checkpoint", run_dir, last_path):
+                            last_path = save_checkpoint(run_dir, *last_good,
+                                                        config.keep_checkpoints)
+        except KeyboardInterrupt:
+            stopped_by = "SIGINT"
+        finally:
             if bar is not None:
-                bar.update(1)
-                shown = {"nll": f"{metrics.get('nll', float('nan')):.3f}",
-                         "nfe": int(metrics.get("nfe_forward", 0)), "s": int(seconds)}
-                if "val_nll" in record:
-                    shown["val"] = f"{record['val_nll']:.3f}"
-                bar.set_postfix(shown, refresh=False)
-            if run_dir is not None and seconds - last_checkpoint >= config.checkpoint_every:
-                save_checkpoint(run_dir, model, optimizer, data_gen, step, seconds, ema)
-                last_checkpoint = seconds
-    except KeyboardInterrupt:
-        stopped_by = "interrupt"
-    finally:
-        if bar is not None:
-            bar.close()
-        if log_file is not None:
-            log_file.close()
+                bar.close()
+            if log_file is not None:
+                log_file.close()
+    if updating:  # interrupted inside an update: the parameters are not those of any step
+        tensors, meta = last_good
+        _apply_payload(tensors, meta, "the last good state", model, optimizer, data_gen, ema)
+        step, seconds = int(meta["step"]), float(meta["seconds"])
     if run_dir is not None:
-        save_checkpoint(run_dir, model, optimizer, data_gen, step, seconds, ema)
-        with _averaged(ema, model):
-            ckpt.save_model(run_dir / ckpt.WEIGHTS, model)
-        if stopped_by == "interrupt":
-            print(f"\ninterrupted at step {step}; resume with `flowlab train --resume {run_dir}`")
+        payload = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores)
+        with _writing("the final checkpoint", run_dir, last_path):
+            last_path = save_checkpoint(run_dir, *payload, config.keep_checkpoints)
+            with _averaged(ema, model):
+                ckpt.save_model(run_dir / ckpt.WEIGHTS, model)
+        if stopped_by != "budget":
+            print(f"\nstopped by {stopped_by} at step {step}; checkpoint written to {last_path}; "
+                  f"resume with `flowlab train --resume {run_dir}`", flush=True)
     if ema is not None:
         ema.copy_to(model)  # the trained model is the average (the checkpoint keeps both)
-    return TrainResult(step, seconds, metrics, stopped_by)
+    return TrainResult(step, seconds, metrics, stopped_by, restores)
