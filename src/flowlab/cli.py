@@ -383,6 +383,17 @@ def _has_progress(run_dir: Path) -> bool:
 
 # -- commands ----------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
+    from flowlab.train import distributed
+
+    _set_threads(args.threads)
+    ranks = distributed.init_from_env()  # under torchrun: join the process group
+    try:
+        return _train(args, ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, ranks) -> int:
     import torch
 
     from flowlab import __version__
@@ -392,7 +403,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from flowlab.train import TrainConfig, train
     from flowlab.train.checkpoint import CONFIG, read_run_config
 
-    _set_threads(args.threads)
+    say = print if ranks.is_main else (lambda *a, **k: None)
     if args.resume is not None and args.init is not None:
         raise ConfigError("--resume continues a run with its own weights; drop --init")
     if args.resume is not None:
@@ -433,18 +444,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if init is not None:
             _load_init(model, init, source)
         run_dir = args.out or Path("runs") / f"{dataset.name}-{model.name}"
-        if run_dir.exists() and any(run_dir.iterdir()):
-            if not args.force:
-                raise RunDirError(
-                    f"run folder {run_dir} already exists; choose another --out, continue it "
-                    f"with --resume {run_dir}, or replace it with --force"
-                )
-            shutil.rmtree(run_dir)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise RunDirError(f"cannot create the run folder {run_dir}: "
-                              f"{err.strerror or err}; choose another --out") from err
+        if run_dir.exists() and any(run_dir.iterdir()) and not args.force:
+            raise RunDirError(
+                f"run folder {run_dir} already exists; choose another --out, continue it "
+                f"with --resume {run_dir}, or replace it with --force"
+            )
+        ranks.barrier()  # every rank has checked before rank 0 writes
+        if ranks.is_main:
+            if run_dir.exists() and args.force:
+                shutil.rmtree(run_dir)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise RunDirError(f"cannot create the run folder {run_dir}: "
+                                  f"{err.strerror or err}; choose another --out") from err
         config = {
             "flowlab_version": __version__, "dataset": dataset.name, "model": model.name,
             "model_options": model.config(), "train": train_config.to_dict(),
@@ -452,22 +465,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         resume = False
 
     try:
-        if not resume:
+        if not resume and ranks.is_main:
             if args.reflow is not None:
                 config["reflow"] = _make_pairs(args.reflow, args.pairs, run_dir, args.seed,
                                                progress=not args.no_progress)
             _write_json(run_dir / CONFIG, config)
+        ranks.barrier()
+        if not resume and args.reflow is not None:
+            config = read_run_config(run_dir)  # with the pairs' description
         sampler = (_pair_sampler(run_dir) if "reflow" in config
                    else lambda n, gen: dataset.sample(n, generator=gen))
         val = heldout_points(dataset, train_config.val_size, seed=10_000 + train_config.seed)
-        print(f"training {model.name} ({model.num_parameters():,} parameters) on "
-              f"{dataset.name} (true entropy H = {dataset.entropy:.4f} nats) into {run_dir}")
+        workers = f", {ranks.world_size} processes" if ranks.active else ""
+        say(f"training {model.name} ({model.num_parameters():,} parameters) on "
+            f"{dataset.name} (true entropy H = {dataset.entropy:.4f} nats) into "
+            f"{run_dir}{workers}")
         result = train(
             model, sampler, train_config, run_dir,
             resume=resume, progress=not args.no_progress, val_points=val.float(),
         )
     except BaseException:
-        if not resume and not _has_progress(run_dir):
+        if not resume and ranks.is_main and not _has_progress(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing half written is left
         raise
     if result.stopped_by != "budget":
@@ -475,9 +493,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = result.last_metrics
     objective = (f"last batch NLL {last['nll']:.4f} nats" if "nll" in last
                  else f"last batch loss {last.get('loss', float('nan')):.4f}")
-    print(f"done: {result.steps} steps in {result.seconds:.1f} s of training; {objective}, "
-          f"NFE {last.get('nfe_forward', 0):.0f}")
-    print(f"next: flowlab eval {run_dir}  and  flowlab plot {run_dir}")
+    say(f"done: {result.steps} steps in {result.seconds:.1f} s of training; {objective}, "
+        f"NFE {last.get('nfe_forward', 0):.0f}")
+    say(f"next: flowlab eval {run_dir}  and  flowlab plot {run_dir}")
     return 0
 
 

@@ -26,7 +26,9 @@ import torch
 
 from flowlab.errors import ConfigError, DataError, NonFiniteError, RunDirError, SolverError
 from flowlab.models import DensityModel
+from flowlab.models.base import LossOutput
 from flowlab.train import checkpoint as ckpt
+from flowlab.train import distributed
 
 # A sampler returns a batch of data, or a tuple of tensors passed to training_loss in order
 # (rectified flow trains on (data, noise) pairs).
@@ -231,27 +233,43 @@ def save_snapshot(
 
 
 # -- the resume state: one payload, kept in memory as the last good state and saved to disk ----
+def _rng_states() -> dict[str, Any]:
+    """This process's global random states (torch, numpy, python) as tensors and JSON."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_rest": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_version, list(py_state), py_gauss],
+    }
+
+
 def _payload(
     model: DensityModel, optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
     ema: WeightAverage | None, step: int, seconds: float, lr_scale: float, restores: list,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Everything needed to continue training exactly: tensors (copied) and JSON metadata."""
+    """Everything needed to continue training exactly: tensors (copied) and JSON metadata.
+
+    Under torch.distributed this is a collective: the random states of every rank are
+    gathered (``rng.r1.torch`` ... for rank 1), so every rank must call it at the same step.
+    """
     optim_tensors, optim_meta = ckpt.optimizer_to_tensors(optimizer)
-    np_state = np.random.get_state()
-    tensors = {
-        **ckpt.model_tensors(model), **optim_tensors,
-        "rng.torch": torch.get_rng_state(), "rng.data": data_gen.get_state(),
-        "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-    }
+    tensors = {**ckpt.model_tensors(model), **optim_tensors, "rng.data": data_gen.get_state()}
     if ema is not None:
         tensors.update(ema.tensors())
+    meta_rng = {}
+    ranks = distributed.context()
+    for rank, states in enumerate(ranks.gather(_rng_states())):
+        prefix = f"rng.r{rank}." if rank else "rng."
+        tensors[prefix + "torch"] = states["torch"]
+        tensors[prefix + "numpy"] = states["numpy"]
+        meta_rng[str(rank)] = {"numpy": states["numpy_rest"], "python": states["python"]}
     tensors = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
-    py_version, py_state, py_gauss = random.getstate()
     meta = {
         **ckpt.model_metadata(model), "step": step, "seconds": seconds, "lr_scale": lr_scale,
-        "restores": restores, "optim": optim_meta,
-        "rng_python": [py_version, list(py_state), py_gauss],
-        "rng_numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "restores": restores, "optim": optim_meta, "world_size": ranks.world_size,
+        "rng": meta_rng,
     }
     return tensors, json.loads(json.dumps(meta))  # a deep copy, and proof that it is JSON
 
@@ -266,18 +284,26 @@ def _apply_payload(
     if ema is not None and not any(k.startswith("ema.") for k in tensors):
         raise RunDirError(f"{source}: the checkpoint has no weight average, but ema is on; "
                           "resume with the run's own options")
+    ranks = distributed.context()
+    if meta.get("world_size", 1) != ranks.world_size:
+        raise RunDirError(
+            f"{source}: written by {meta.get('world_size', 1)} process(es), resumed by "
+            f"{ranks.world_size}; resume with the same number (torchrun --nproc_per_node), "
+            "so that every data stream and random state continues exactly")
     try:
         state = {k.removeprefix("model."): v for k, v in tensors.items()
                  if k.startswith("model.")}
         model.load_state_dict(state)
         optimizer.load_state_dict(ckpt.optimizer_from_tensors(tensors, meta["optim"]))
-        torch.set_rng_state(tensors["rng.torch"])
         data_gen.set_state(tensors["rng.data"])
-        if "rng.numpy" in tensors:
-            name, pos, has_gauss, gauss = meta["rng_numpy"]
-            keys = tensors["rng.numpy"].numpy().astype(np.uint32)
+        prefix = f"rng.r{ranks.rank}." if ranks.rank else "rng."
+        torch.set_rng_state(tensors[prefix + "torch"])
+        rng = meta.get("rng", {}).get(str(ranks.rank))
+        if rng is not None:  # checkpoints of flowlab 0.1 kept the torch state only
+            name, pos, has_gauss, gauss = rng["numpy"]
+            keys = tensors[prefix + "numpy"].numpy().astype(np.uint32)
             np.random.set_state((name, keys, pos, has_gauss, gauss))
-            version, state_ints, py_gauss = meta["rng_python"]
+            version, state_ints, py_gauss = rng["python"]
             random.setstate((version, tuple(state_ints), py_gauss))
         if ema is not None:
             ema.load(tensors)
@@ -383,18 +409,32 @@ def validation_nll(model: DensityModel, points: torch.Tensor) -> float:
     """Mean NLL (nats) of fixed held-out points, in eval mode (exact divergence by default).
 
     The training solver's tolerance is used rather than the tight evaluation one: this number
-    tracks progress, `flowlab eval` gives the one to report.
+    tracks progress, `flowlab eval` gives the one to report. Under torch.distributed each rank
+    evaluates its share of the points and the sums are reduced (a collective).
     """
+    ranks = distributed.context()
+    shard = points[ranks.rank::ranks.world_size]
     was_training = model.training
     model.eval()
     solver = getattr(model, "solver", None)
     kwargs = {"solver": solver.replace(gradient="backprop", seminorm=False)} if solver else {}
     try:
         with torch.no_grad():
-            value = float(-model.log_prob(points, **kwargs).mean())
+            total = float(-model.log_prob(shard, **kwargs).sum()) if len(shard) else 0.0
     finally:
         model.train(was_training)
-    return value
+    total, count = ranks.sum([total, float(len(shard))])
+    return total / count
+
+
+def _draw(sampler: Sampler, config: TrainConfig, data_gen: torch.Generator,
+          ranks: distributed.Context) -> tuple[torch.Tensor, ...]:
+    """This rank's batch: its slice of the global batch of ``world_size * batch_size``."""
+    batch = sampler(config.batch_size * ranks.world_size, data_gen)
+    batch = batch if isinstance(batch, tuple) else (batch,)
+    if ranks.active:
+        batch = tuple(ranks.shard(b) if isinstance(b, torch.Tensor) else b for b in batch)
+    return batch
 
 
 def train(
@@ -420,7 +460,12 @@ def train(
     checkpoint, kept in memory) with half the learning rate, at most ``config.max_restores``
     times; ``stop`` (or one fault too many) raises the error with the step and the quantity.
     SIGINT and SIGTERM stop after the current step with a checkpoint written.
+
+    Inside a torch.distributed process group (``torchrun``) the model is trained with
+    DistributedDataParallel; see :mod:`flowlab.train.distributed` for how data, seeds and
+    writing are shared out. Only rank 0 writes.
     """
+    ranks = distributed.context()
     ref = next(iter(model.parameters()))
     data_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
     optimizer = torch.optim.AdamW(
@@ -429,31 +474,39 @@ def train(
     ema = WeightAverage(model, config.ema) if config.ema > 0 else None
     step, seconds, lr_scale, restores = 0, 0.0, 1.0, []
     last_path: Path | None = None
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        if resume:
-            tensors, meta, last_path = load_latest_checkpoint(run_dir)
-            _apply_payload(tensors, meta, str(last_path), model, optimizer, data_gen, ema)
-            step, seconds = int(meta["step"]), float(meta["seconds"])
-            lr_scale, restores = float(meta.get("lr_scale", 1.0)), list(meta.get("restores", []))
+    run_dir = Path(run_dir) if run_dir is not None else None
+    writer = run_dir if ranks.is_main else None  # the folder this process writes to
+    if ranks.active:
+        # Same initial weights on every rank (DDP broadcasts rank 0's); different noise.
+        torch.manual_seed(config.seed + distributed.RANK_SEED_STRIDE * ranks.rank)
+    if run_dir is not None and resume:
+        tensors, meta, last_path = load_latest_checkpoint(run_dir)
+        _apply_payload(tensors, meta, str(last_path), model, optimizer, data_gen, ema)
+        step, seconds = int(meta["step"]), float(meta["seconds"])
+        lr_scale, restores = float(meta.get("lr_scale", 1.0)), list(meta.get("restores", []))
     # The first batch is checked before anything is written, then drawn again.
     state = data_gen.get_state()
-    first = sampler(config.batch_size, data_gen)
-    check_first_batch(first if isinstance(first, tuple) else (first,), model)
+    check_first_batch(_draw(sampler, config, data_gen, ranks), model)
     data_gen.set_state(state)
-    if run_dir is not None:
+    if writer is not None:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            writer.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise RunDirError(f"cannot create the run folder {run_dir}: "
+            raise RunDirError(f"cannot create the run folder {writer}: "
                               f"{err.strerror or err}") from err
-        ckpt.remove_temporaries(run_dir)  # left by a process killed while writing
+        ckpt.remove_temporaries(writer)  # left by a process killed while writing
         if resume:
-            ckpt.truncate_log(run_dir, step)
+            ckpt.truncate_log(writer, step)
+    objective = None
+    if ranks.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        devices = [ref.device.index] if ref.device.type == "cuda" else None
+        objective = DistributedDataParallel(distributed.Objective(model), device_ids=devices)
     last_good = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores)
 
     bar = None
-    if progress:
+    if progress and ranks.is_main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.iters, initial=step, unit="step", dynamic_ncols=True,
@@ -462,35 +515,46 @@ def train(
     def marks(progress_now: float, seconds_now: float) -> tuple[list[float], list[float]]:
         val = ([(i + 1) / config.val_every for i in range(config.val_every)]
                if val_points is not None and config.val_every > 0 else [])
-        snaps = list(config.snapshot_at) if run_dir is not None else []
+        snaps = list(config.snapshot_at) if writer is not None else []
         return [m for m in val if m > progress_now], [t for t in snaps if t > seconds_now]
+
+    def loss_and_backward(batch: tuple[torch.Tensor, ...]) -> LossOutput:
+        if objective is None:
+            out = model.training_loss(*batch)
+            out.loss.backward()
+            return out
+        loss, metrics, stats = objective(*batch)
+        loss.backward()  # the gradient all-reduce: every rank takes part, even after a fault
+        fault = metrics.pop("fault", None)
+        if fault is not None:
+            raise fault
+        return LossOutput(loss, metrics, stats)
 
     val_marks, snapshot_marks = marks(_progress(config, step, seconds), seconds)
     last_checkpoint = (step, seconds)
     metrics: dict[str, float] = {}
     stopped_by = "budget"
+    stop_requested = False
     updating = False  # True while parameters and counters disagree (mid-update)
     log_file = None
     model.train()
     with _StopSignals() as signals:
         try:
-            if run_dir is not None:
-                with _writing(ckpt.LOG, run_dir, last_path):
-                    log_file = open(run_dir / ckpt.LOG, "a")  # noqa: SIM115
+            if writer is not None:
+                with _writing(ckpt.LOG, writer, last_path):
+                    log_file = open(writer / ckpt.LOG, "a")  # noqa: SIM115
             while _progress(config, step, seconds) < 1.0:
-                if signals.signum is not None:
-                    stopped_by = signals.name
+                if stop_requested:
+                    stopped_by = signals.name or "SIGTERM"  # another rank may have seen it
                     break
                 start = time.perf_counter()
                 lr = lr_scale * learning_rate(config, step, _progress(config, step, seconds))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = sampler(config.batch_size, data_gen)
-                batch = tuple(b.to(ref) for b in (batch if isinstance(batch, tuple) else (batch,)))
+                batch = tuple(b.to(ref) for b in _draw(sampler, config, data_gen, ranks))
                 optimizer.zero_grad(set_to_none=True)
                 try:
-                    out = model.training_loss(*batch)
-                    out.loss.backward()
+                    out = loss_and_backward(batch)
                     check_finite(step, out.loss.detach(), model)
                 except (SolverError, NonFiniteError) as err:
                     text = str(err) if str(err).startswith("step ") else f"step {step}: {err}"
@@ -512,17 +576,18 @@ def train(
                                      "error": text})
                     step, seconds = int(meta["step"]), float(meta["seconds"])
                     lr_scale = float(meta["lr_scale"]) * 0.5
-                    warnings.warn(
-                        f"{text}; restored the state of step {step} and halved the learning "
-                        f"rate (scale {lr_scale:g}; restore {len(restores)} of at most "
-                        f"{config.max_restores})", stacklevel=2)
+                    if ranks.is_main:
+                        warnings.warn(
+                            f"{text}; restored the state of step {step} and halved the "
+                            f"learning rate (scale {lr_scale:g}; restore {len(restores)} of at "
+                            f"most {config.max_restores})", stacklevel=2)
                     last_good = _payload(model, optimizer, data_gen, ema, step, seconds,
                                          lr_scale, restores)
-                    if run_dir is not None:
+                    if writer is not None:
                         log_file.close()
-                        with _writing(ckpt.LOG, run_dir, last_path):
-                            ckpt.truncate_log(run_dir, step)
-                            log_file = open(run_dir / ckpt.LOG, "a")  # noqa: SIM115
+                        with _writing(ckpt.LOG, writer, last_path):
+                            ckpt.truncate_log(writer, step)
+                            log_file = open(writer / ckpt.LOG, "a")  # noqa: SIM115
                     val_marks, snapshot_marks = marks(_progress(config, step, seconds), seconds)
                     if bar is not None:
                         bar.n = step
@@ -536,6 +601,9 @@ def train(
                 step += 1
                 seconds += time.perf_counter() - start
                 updating = False
+                # All ranks follow the slowest clock and stop together on a signal.
+                seconds, stop = ranks.max([seconds, float(signals.signum is not None)])
+                stop_requested = stop > 0
                 metrics = {**out.metrics, "loss": float(out.loss.detach()), "lr": lr}
                 if out.stats:
                     metrics["nfe_backward"] = float(sum(s.nfe_backward for s in out.stats))
@@ -546,10 +614,10 @@ def train(
                     with _averaged(ema, model):
                         record["val_nll"] = validation_nll(model, val_points.to(ref))
                 while snapshot_marks and seconds >= snapshot_marks[0]:
-                    with _averaged(ema, model), _writing("a snapshot", run_dir, last_path):
-                        save_snapshot(run_dir, model, snapshot_marks.pop(0), seconds, step)
+                    with _averaged(ema, model), _writing("a snapshot", writer, last_path):
+                        save_snapshot(writer, model, snapshot_marks.pop(0), seconds, step)
                 if log_file is not None and (step % config.log_every == 0 or "val_nll" in record):
-                    with _writing(ckpt.LOG, run_dir, last_path):
+                    with _writing(ckpt.LOG, writer, last_path):
                         log_file.write(json.dumps(record) + "\n")
                         log_file.flush()
                 if callback is not None:
@@ -568,9 +636,9 @@ def train(
                     last_good = _payload(model, optimizer, data_gen, ema, step, seconds,
                                          lr_scale, restores)
                     last_checkpoint = (step, seconds)
-                    if run_dir is not None:
-                        with _writing("a checkpoint", run_dir, last_path):
-                            last_path = save_checkpoint(run_dir, *last_good,
+                    if writer is not None:
+                        with _writing("a checkpoint", writer, last_path):
+                            last_path = save_checkpoint(writer, *last_good,
                                                         config.keep_checkpoints)
         except KeyboardInterrupt:
             stopped_by = "SIGINT"
@@ -585,13 +653,14 @@ def train(
         step, seconds = int(meta["step"]), float(meta["seconds"])
     if run_dir is not None:
         payload = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores)
-        with _writing("the final checkpoint", run_dir, last_path):
-            last_path = save_checkpoint(run_dir, *payload, config.keep_checkpoints)
-            with _averaged(ema, model):
-                ckpt.save_model(run_dir / ckpt.WEIGHTS, model)
-        if stopped_by != "budget":
-            print(f"\nstopped by {stopped_by} at step {step}; checkpoint written to {last_path}; "
-                  f"resume with `flowlab train --resume {run_dir}`", flush=True)
+        if writer is not None:
+            with _writing("the final checkpoint", writer, last_path):
+                last_path = save_checkpoint(writer, *payload, config.keep_checkpoints)
+                with _averaged(ema, model):
+                    ckpt.save_model(writer / ckpt.WEIGHTS, model)
+            if stopped_by != "budget":
+                print(f"\nstopped by {stopped_by} at step {step}; checkpoint written to "
+                      f"{last_path}; resume with `flowlab train --resume {run_dir}`", flush=True)
     if ema is not None:
         ema.copy_to(model)  # the trained model is the average (the checkpoint keeps both)
     return TrainResult(step, seconds, metrics, stopped_by, restores)
