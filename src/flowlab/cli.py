@@ -267,11 +267,11 @@ def _set_threads(n: int | None) -> None:
 def _model_options(args: argparse.Namespace, dim: int) -> dict[str, Any]:
     from flowlab.ode import SolverConfig
 
+    if args.seminorm and not args.adjoint:
+        raise ConfigError("--seminorm only applies with --adjoint")
     solver = _solver_from_args(args, SolverConfig(
         gradient="adjoint" if args.adjoint else "backprop", seminorm=args.seminorm
     ))
-    if args.seminorm and not args.adjoint:
-        raise ConfigError("--seminorm only applies with --adjoint")
     hidden = args.hidden or (CFM_HIDDEN if args.model == "cfm" else FFJORD_HIDDEN)
     options = {
         "dim": dim, "hidden": hidden, "layer": args.layer, "activation": args.activation,

@@ -105,7 +105,7 @@ def mmd2(
             f"mmd2 expects two (n, d) point sets, got shapes {tuple(x.shape)} and {tuple(y.shape)}"
         )
     if x.shape[1] != y.shape[1]:
-        raise ConfigError(
+        raise DataError(
             f"mmd2 needs points of the same dimension, got {x.shape[1]} and {y.shape[1]}"
         )
     if min(x.shape[0], y.shape[0]) < 2 * blocks:

@@ -30,7 +30,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 import flowlab
-from flowlab.errors import RunDirError
+from flowlab.errors import FlowlabError, RunDirError
 from flowlab.models import DensityModel, build_model
 
 CONFIG = "config.json"
@@ -144,11 +144,14 @@ def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = st_load(data)
         header_len = int.from_bytes(data[:8], "little")
         header = json.loads(data[8 : 8 + header_len])
-        metadata = json.loads(header.get("__metadata__", {}).get("flowlab", "{}"))
-    except (SafetensorError, ValueError, json.JSONDecodeError) as err:
+        metadata = json.loads((header.get("__metadata__") or {}).get("flowlab", "{}"))
+    except (SafetensorError, ValueError, AttributeError, TypeError) as err:
         raise RunDirError(
             f"{path}: not a readable safetensors file ({err}); it is truncated or corrupt"
         ) from err
+    if not isinstance(metadata, dict):
+        raise RunDirError(f"{path}: its flowlab metadata is not a JSON object; the file was "
+                          "not written by flowlab")
     return tensors, metadata
 
 
@@ -178,12 +181,15 @@ def model_from_metadata(metadata: dict[str, Any], source: Path) -> DensityModel:
             f"{source}: written by an incompatible flowlab (format {version}, this flowlab "
             f"reads format {FORMAT_VERSION}); retrain or use the matching flowlab version"
         )
+    name, options = metadata.get("model"), metadata.get("model_options")
+    if not isinstance(name, str) or not isinstance(options, dict):
+        raise RunDirError(f"{source}: metadata lacks the model name or its options; the file is "
+                          "not a flowlab model")
     try:
-        return build_model(metadata["model"], **metadata["model_options"])
-    except KeyError as err:
-        raise RunDirError(
-            f"{source}: metadata lacks {err}; the file is not a flowlab model"
-        ) from err
+        return build_model(name, **options)
+    except (FlowlabError, TypeError, ValueError) as err:
+        raise RunDirError(f"{source}: its model options do not build a {name!r} model ({err}); "
+                          "the file is damaged or from another flowlab") from err
 
 
 def load_model(path: Path, map_location: str | torch.device = "cpu") -> DensityModel:
@@ -210,8 +216,11 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise RunDirError(f"{config_path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise RunDirError(f"{config_path} holds a JSON {type(config).__name__}, not an object: "
+                          "not a flowlab run configuration")
     missing = [k for k in ("dataset", "model", "model_options", "train") if k not in config]
-    if not isinstance(config, dict) or missing:
+    if missing:
         raise RunDirError(f"{config_path} lacks {missing}: not a flowlab run configuration")
     return config
 
