@@ -508,11 +508,21 @@ def _load(run: Path):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from flowlab.train import distributed
+
+    _set_threads(args.threads)
+    ranks = distributed.init_from_env()  # under torchrun the test points are shared out
+    try:
+        return _eval(args, ranks)
+    finally:
+        distributed.shutdown()
+
+
+def _eval(args: argparse.Namespace, ranks) -> int:
     import torch
 
     from flowlab.eval import evaluate_nll, heldout_points
 
-    _set_threads(args.threads)
     model, config, dataset = _load(args.run)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = model.to(dtype)
@@ -522,9 +532,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, points, batch_size=args.batch_size, solver=solver, divergence=args.divergence,
         entropy=dataset.entropy, reference=dataset,
     )
+    if not ranks.is_main:
+        return 0
     report = {
         "dataset": dataset.name, "model": config["model"], **result.to_dict(),
-        "dtype": args.dtype, "run": str(args.run),
+        "dtype": args.dtype, "run": str(args.run), "processes": ranks.world_size,
     }
     _write_json(args.run / "eval.json", report)
     rows = [

@@ -1,6 +1,7 @@
 """Training under torchrun with DistributedDataParallel: two CPU processes (gloo) with batch B
 each train exactly like one process with batch 2B; resume continues every rank's stream."""
 
+import json
 import os
 import subprocess
 import sys
@@ -23,11 +24,11 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available")
 
 
-def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def torchrun(*args: str, nproc: int = 2, command: str = "train") -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
-         f"--nproc-per-node={nproc}", "-m", "flowlab.cli", "train", *args],
+         f"--nproc-per-node={nproc}", "-m", "flowlab.cli", command, *args],
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -87,3 +88,16 @@ def test_shard_takes_each_rank_its_own_rows():
     rows = [Context(rank=r, world_size=3).shard(batch) for r in range(3)]
     assert torch.equal(torch.cat(rows), batch)
     assert all(len(r) == 2 for r in rows)
+
+
+def test_sharded_evaluation_equals_the_single_process_one(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *SMALL, "--iters", "3", "--batch-size", "32", "--out", str(run)]) == 0
+    evaluate = ["--n-test", "301", "--solver", "rk4", "--steps", "4"]  # odd: uneven shards
+    assert main(["eval", str(run), *evaluate]) == 0
+    single = json.loads((run / "eval.json").read_text())
+    torchrun(str(run), *evaluate, command="eval")
+    sharded = json.loads((run / "eval.json").read_text())
+    assert sharded["processes"] == 2 and sharded["n_test"] == 301
+    for key in ("nll_nats", "nll_se", "kl_nats", "kl_se"):
+        assert sharded[key] == pytest.approx(single[key], rel=1e-12), key

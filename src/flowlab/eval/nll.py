@@ -81,7 +81,14 @@ def evaluate_nll(
     ``eval_divergence`` (exact) unless ``solver``/``divergence`` are given; the NFE reported is
     the mean number of function evaluations per batch solve. With ``reference`` (the true
     density) the paired KL estimate is computed on the same points.
+
+    Inside a torch.distributed process group (``torchrun``) each rank evaluates every
+    ``world_size``-th point and the per-point values are gathered, so every rank returns the
+    result for all of ``points`` (a collective: every rank must call it with the same points).
     """
+    from flowlab.train.distributed import context
+
+    ranks = context()
     if points.ndim < 2 or points.shape[0] < 2:
         raise ConfigError(f"need at least 2 test points, got shape {tuple(points.shape)}")
     is_module = isinstance(model, torch.nn.Module)
@@ -93,7 +100,7 @@ def evaluate_nll(
     start = time.perf_counter()
     try:
         with torch.no_grad():
-            for chunk in points.split(batch_size):
+            for chunk in points[ranks.rank::ranks.world_size].split(batch_size):
                 chunk = chunk.to(ref) if ref is not None else chunk
                 if hasattr(model, "log_prob_with_stats"):
                     logp, stats = model.log_prob_with_stats(
@@ -106,8 +113,14 @@ def evaluate_nll(
     finally:
         if is_module:
             model.train(was_training)
+    nll = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    if ranks.active:
+        shards = ranks.gather((nll, nfes))
+        nll = torch.empty(points.shape[0], dtype=torch.float64)
+        for rank, (shard, _) in enumerate(shards):
+            nll[rank::ranks.world_size] = shard
+        nfes = [n for _, shard_nfes in shards for n in shard_nfes]
     seconds = time.perf_counter() - start
-    nll = torch.cat(values)
     # An infinite NLL is a real (terrible) result and is reported; a NaN is a bug.
     if torch.isnan(nll).any():
         bad = int(torch.isnan(nll).sum())
