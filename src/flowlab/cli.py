@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -632,11 +633,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "plot": cmd_plot}
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"flowlab: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():  # restores showwarning afterwards
+            warnings.showwarning = _show_warning
+            return COMMANDS[args.command](args)
     except FlowlabError as err:
         print(f"flowlab: error: {err}", file=sys.stderr)
         return 2

@@ -123,7 +123,7 @@ def test_full_disk_is_a_clear_error_and_the_run_stays_resumable(tmp_path, monkey
 
     def save_until_full(path, tensors, metadata):
         calls.append(path)
-        if len(calls) == 3:  # the checkpoint of step 9
+        if len(calls) == 4:  # checkpoints of steps 0, 3, 6 written; step 9 fails
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_save(path, tensors, metadata)
 

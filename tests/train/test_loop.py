@@ -59,7 +59,8 @@ def test_training_lowers_nll_and_writes_run_folder(tmp_path):
     assert after < before - 0.5, (before, after)
     for name in (ckpt.LOG, ckpt.WEIGHTS):
         assert (tmp_path / name).is_file()
-    assert ckpt.list_checkpoints(tmp_path) == [ckpt.checkpoint_path(tmp_path, 120)]
+    assert ckpt.list_checkpoints(tmp_path) == [ckpt.checkpoint_path(tmp_path, s)
+                                               for s in (120, 0)]  # the end and the start
     lines = (tmp_path / ckpt.LOG).read_text().splitlines()
     assert len(lines) == 6
     assert "nfe_forward" in lines[-1] and "seconds" in lines[-1]

@@ -504,6 +504,11 @@ def train(
         devices = [ref.device.index] if ref.device.type == "cuda" else None
         objective = DistributedDataParallel(distributed.Objective(model), device_ids=devices)
     last_good = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores)
+    if writer is not None and not resume:
+        # A checkpoint at step 0: a run killed before its first interval resumes from its
+        # exact start (with any weights it was initialized from).
+        with _writing("a checkpoint", writer, None):
+            last_path = save_checkpoint(writer, *last_good, config.keep_checkpoints)
 
     bar = None
     if progress and ranks.is_main:
