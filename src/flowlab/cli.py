@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dataset name: 8gaussians, checkerboard, 2spirals, pinwheel, rings, "
                          "circles, moons, swissroll")
     tr.add_argument("--model", default="ffjord",
-                    help="ffjord (maximum likelihood) or cfm (conditional flow matching)")
+                    help="ffjord (CNF, maximum likelihood), cfm (CNF, flow matching), or a "
+                         "discrete flow: planar, radial, nice, realnvp, glow, maf, iaf, "
+                         "nsf-coupling, nsf-ar")
     tr.add_argument("--out", type=Path, default=None,
                     help="run folder to create (default: runs/<data>-<model>)")
     tr.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
@@ -160,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     cnf.add_argument("--layer", choices=sorted(LAYERS), default="concatsquash",
                      help="how time enters each layer")
     cnf.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh")
-    cnf.add_argument("--num-blocks", type=_positive_int, default=1, help="stacked CNF blocks")
+    cnf.add_argument("--num-blocks", type=_positive_int, default=None,
+                     help="stacked CNF blocks (default 1), or layers/steps of a discrete flow "
+                          "(default: the family's)")
     cnf.add_argument("--T", type=_positive_float, default=0.5, help="initial integration time")
     cnf.add_argument("--fixed-T", action="store_true", help="do not learn T")
     cnf.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact",
@@ -177,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight of the RNODE kinetic-energy regularizer int ||f||^2 dt")
     cnf.add_argument("--jacobian", type=_nonnegative_float, default=0.0,
                      help="weight of the RNODE Jacobian Frobenius regularizer")
+    df = tr.add_argument_group("discrete flows (planar ... nsf-ar)")
+    df.add_argument("--batch-norm", action="store_true",
+                    help="batch normalization between layers (realnvp, maf)")
+    df.add_argument("--bins", type=_positive_int, default=None,
+                    help="spline bins (nsf-coupling, nsf-ar; default 8)")
+    df.add_argument("--bound", type=_positive_float, default=None,
+                    help="splines act on [-bound, bound], identity outside (default 4)")
     fm = tr.add_argument_group("flow matching (cfm): the same CNF, trained without ODE solves")
     fm.add_argument("--path", choices=("linear", "vp"), default="linear",
                     help="probability path between data (t=0) and noise (t=1)")
@@ -265,8 +276,33 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _flow_options(args: argparse.Namespace, dim: int) -> dict[str, Any]:
+    """Options of a discrete flow family from the command line (only those given)."""
+    options: dict[str, Any] = {"dim": dim}
+    if args.num_blocks is not None:
+        options["num_blocks"] = args.num_blocks
+    if args.hidden is not None:
+        if args.model in ("planar", "radial"):
+            raise ConfigError(f"{args.model} layers have no hidden network; drop --hidden")
+        options["hidden"] = args.hidden
+    if args.batch_norm:
+        if args.model not in ("realnvp", "maf"):
+            raise ConfigError("--batch-norm applies to realnvp and maf")
+        options["batch_norm"] = True
+    for name in ("bins", "bound"):
+        if getattr(args, name) is not None:
+            if not args.model.startswith("nsf"):
+                raise ConfigError(f"--{name} applies to the spline flows nsf-coupling, nsf-ar")
+            options[name] = getattr(args, name)
+    return options
+
+
 def _model_options(args: argparse.Namespace, dim: int) -> dict[str, Any]:
+    from flowlab.models import FAMILIES
     from flowlab.ode import SolverConfig
+
+    if args.model in FAMILIES:
+        return _flow_options(args, dim)
 
     if args.seminorm and not args.adjoint:
         raise ConfigError("--seminorm only applies with --adjoint")
@@ -276,7 +312,7 @@ def _model_options(args: argparse.Namespace, dim: int) -> dict[str, Any]:
     hidden = args.hidden or (CFM_HIDDEN if args.model == "cfm" else FFJORD_HIDDEN)
     options = {
         "dim": dim, "hidden": hidden, "layer": args.layer, "activation": args.activation,
-        "num_blocks": args.num_blocks, "T": args.T, "train_T": not args.fixed_T,
+        "num_blocks": args.num_blocks or 1, "T": args.T, "train_T": not args.fixed_T,
         "divergence": args.divergence, "probe": args.probe, "solver": solver.to_dict(),
         "kinetic": args.kinetic, "jacobian": args.jacobian,
     }
@@ -380,6 +416,16 @@ def _has_progress(run_dir: Path) -> bool:
 
     log = run_dir / LOG
     return bool(list_checkpoints(run_dir)) or (log.is_file() and log.stat().st_size > 0)
+
+
+def _ode_solver(args: argparse.Namespace, model):
+    """The ODE solver for a CNF from --solver/--atol/--rtol/--steps; None for other models."""
+    if hasattr(model, "eval_solver"):
+        return _solver_from_args(args, model.eval_solver)
+    given = [k for k in ("solver", "atol", "rtol", "steps") if getattr(args, k) is not None]
+    if given:
+        raise ConfigError(f"--{given[0]} applies to CNF models; {model.name} needs no ODE solver")
+    return None
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -527,7 +573,7 @@ def _eval(args: argparse.Namespace, ranks) -> int:
     model, config, dataset = _load(args.run)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = model.to(dtype)
-    solver = _solver_from_args(args, model.eval_solver)
+    solver = _ode_solver(args, model)
     points = heldout_points(dataset, args.n_test).to(dtype)
     result = evaluate_nll(
         model, points, batch_size=args.batch_size, solver=solver, divergence=args.divergence,
@@ -569,23 +615,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix not in (".npy", ".csv"):
         raise ConfigError(f"unknown sample file type {out.suffix!r}; use .npy or .csv")
     model, _, dataset = _load(args.run)
-    solver = _solver_from_args(args, model.eval_solver)
+    solver = _ode_solver(args, model)
     model.eval()
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     # The noise of model.sample((num,)), so a seed gives the same samples as before.
     z = model.base_sample((args.num,))
     with torch.no_grad():
-        x, stats = model.to_data_with_stats(z, solver=solver)
+        if solver is not None:
+            x, stats = model.to_data_with_stats(z, solver=solver)
+        else:
+            x, stats = model.to_data(z), []
     seconds = time.perf_counter() - start
     samples = x.cpu().numpy()
     if out.suffix == ".csv":
         np.savetxt(out, samples, delimiter=",")
     else:
         np.save(out, samples)
-    nfe = sum(s.nfe_forward for s in stats)
-    print(f"wrote {args.num} samples to {out} in {seconds:.1f} s ({solver.describe()}, "
-          f"NFE {nfe})")
+    how = (f"{solver.describe()}, NFE {sum(s.nfe_forward for s in stats)}"
+           if solver is not None else f"one pass of {model.name}")
+    print(f"wrote {args.num} samples to {out} in {seconds:.1f} s ({how})")
     if args.quality and getattr(dataset, "entropy", None) is not None:
         if args.num < 2 * BLOCKS:
             print(f"sample quality: skipped, it needs at least {2 * BLOCKS} samples")
@@ -607,7 +656,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     model, config, dataset = _load(args.run)
     model.eval()
     torch.manual_seed(args.seed)
-    plot_solver = model.eval_solver.replace(atol=1e-5, rtol=1e-5)
+    is_cnf = hasattr(model, "eval_solver")
+    plot_solver = model.eval_solver.replace(atol=1e-5, rtol=1e-5) if is_cnf else None
     written = []
     info = viz.plot_density_comparison(
         model, dataset, args.run / "density.png", resolution=args.resolution, solver=plot_solver
@@ -622,8 +672,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
         records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
         written.append(viz.plot_training_curves(records, args.run / "training.png",
                                                 entropy=dataset.entropy))
-    if args.gif:
+    if args.gif and is_cnf:
         written.append(viz.animate_flow(model, args.run / "flow.gif", bounds=dataset.bounds))
+    elif args.gif:
+        print(f"no flow animation: it shows a CNF's vector field, and {model.name} has none")
     print(f"model density integrates to {info['model_mass']:.4f} on the plot grid")
     for path in written:
         print(f"wrote {path}")

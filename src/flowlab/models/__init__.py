@@ -10,14 +10,18 @@ from flowlab.models.base import (
 )
 from flowlab.models.cfm import CFM
 from flowlab.models.ffjord import FFJORD
+from flowlab.models.flows import FAMILIES, Flow, register_family
 
 __all__ = [
     "CFM",
+    "FAMILIES",
     "FFJORD",
     "MODELS",
+    "Flow",
     "DensityModel",
     "LossOutput",
     "build_model",
+    "register_family",
     "register_model",
     "standard_normal_log_prob",
 ]

@@ -127,5 +127,8 @@ class DensityModel(nn.Module):
             raise DataError(f"{bad} of {x.shape[0]} points contain NaN or Inf values")
         return x
 
+    def data_init(self, *batch: torch.Tensor) -> None:
+        """Data-dependent initialization from a first training batch (default: none)."""
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -55,20 +55,20 @@ class Context:
         size = batch.shape[0] // self.world_size
         return batch[self.rank * size:(self.rank + 1) * size]
 
-    def max(self, values: list[float]) -> list[float]:
-        """Elementwise maximum of ``values`` over the ranks."""
+    def _reduce(self, values: list[float], op) -> list[float]:
         if not self.active:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        dist.all_reduce(tensor, op=op)
         return tensor.tolist()
 
+    def max(self, values: list[float]) -> list[float]:
+        """Elementwise maximum of ``values`` over the ranks."""
+        return self._reduce(values, dist.ReduceOp.MAX)
+
     def sum(self, values: list[float]) -> list[float]:
-        if not self.active:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=_device())
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor.tolist()
+        """Elementwise sum of ``values`` over the ranks."""
+        return self._reduce(values, dist.ReduceOp.SUM)
 
     def gather(self, obj: Any) -> list[Any]:
         """``obj`` from every rank, in rank order (every rank gets the list)."""

@@ -484,9 +484,16 @@ def train(
         _apply_payload(tensors, meta, str(last_path), model, optimizer, data_gen, ema)
         step, seconds = int(meta["step"]), float(meta["seconds"])
         lr_scale, restores = float(meta.get("lr_scale", 1.0)), list(meta.get("restores", []))
-    # The first batch is checked before anything is written, then drawn again.
+    # The first batch is checked before anything is written, initializes data-dependent
+    # layers (ActNorm: from the whole global batch, so every rank gets the same weights), and
+    # is then drawn again.
     state = data_gen.get_state()
-    check_first_batch(_draw(sampler, config, data_gen, ranks), model)
+    first = sampler(config.batch_size * ranks.world_size, data_gen)
+    first = first if isinstance(first, tuple) else (first,)
+    check_first_batch(tuple(ranks.shard(b) if isinstance(b, torch.Tensor) else b
+                            for b in first), model)
+    if not resume:
+        model.data_init(*(b.to(ref) for b in first))
     data_gen.set_state(state)
     if writer is not None:
         try:
