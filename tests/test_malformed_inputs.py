@@ -140,9 +140,31 @@ API_CASES = [
      lambda tmp: (_write(tmp / "config.json", b"{model: ffjord"), load_run(tmp))),
     ("run config a JSON list", RunDirError, "not a flowlab run configuration",
      lambda tmp: (_write(tmp / "config.json", b"[1, 2]"), load_run(tmp))),
+    ("conditional flow without context", DataError, "context",
+     lambda tmp: _conditional().log_prob(torch.zeros(4, 2))),
+    ("context of the wrong width", DataError, "context must have shape",
+     lambda tmp: _conditional().log_prob(torch.zeros(4, 2), torch.zeros(4, 3))),
+    ("context with other rows than the batch", DataError, "rows",
+     lambda tmp: _conditional().log_prob(torch.zeros(4, 2), torch.zeros(5, 2))),
+    ("context with NaN", DataError, "NaN",
+     lambda tmp: _conditional().log_prob(torch.zeros(4, 2), torch.full((4, 2), math.nan))),
+    ("context for an unconditional flow", DataError, "not conditional",
+     lambda tmp: build_model("realnvp", dim=2).log_prob(torch.zeros(4, 2), torch.zeros(4, 2))),
+    ("flow with an unknown option", ConfigError, "unexpected keyword",
+     lambda tmp: build_model("maf", dim=2, bins=8)),
+    ("flow with dim and image shape", ConfigError, "dim",
+     lambda tmp: build_model("glow", dim=2, image_shape=[1, 4, 4])),
+    ("image flow on odd sides", ConfigError, "divisible",
+     lambda tmp: build_model("glow", image_shape=[1, 5, 4])),
+    ("spline with zero bins", ConfigError, "bins",
+     lambda tmp: build_model("nsf-coupling", dim=2, bins=0)),
     ("resume without checkpoints", RunDirError, "no checkpoint",
      lambda tmp: train(tiny(), moons, TrainConfig(iters=1), tmp, resume=True, progress=False)),
 ]
+
+
+def _conditional():
+    return build_model("realnvp", dim=2, context_dim=2, num_blocks=2, hidden=[8])
 
 
 def _saved_model_bytes(tmp: Path) -> bytes:
