@@ -594,7 +594,8 @@ def _eval(args: argparse.Namespace, ranks) -> int:
         ("KL(data||model)", f"{result.kl_nats:+.4f} ± {result.kl_se:.4f} nats (paired with "
                             "the true density on the same points)"),
         ("test points", f"{result.n_test}"),
-        ("divergence", result.estimator), ("solver", f"{result.solver}, {args.dtype}"),
+        ("divergence", result.estimator),
+        ("solver", f"{result.solver or 'none (closed-form change of variables)'}, {args.dtype}"),
         ("NFE per solve", f"{result.nfe:.0f}" if result.nfe is not None else "-"),
         ("seconds", f"{result.seconds:.1f} s"),
     ]
