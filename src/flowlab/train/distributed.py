@@ -18,6 +18,11 @@ process with batch ``N * B``:
 - the training clock and the stop signals are agreed on every step (the slowest clock), so all
   ranks stop, checkpoint and change learning rate at the same step;
 - validation is sharded over the ranks and the sums reduced.
+
+One exception to "exactly like one process": batch normalization (``realnvp``/``maf`` with
+``batch_norm``) normalizes by each rank's own slice in training mode, and its running
+averages are rank 0's (DDP broadcasts buffers), as with PyTorch's plain ``BatchNorm`` under
+DDP. Data-dependent initialization (ActNorm) uses the whole first global batch on every rank.
 """
 
 from __future__ import annotations
