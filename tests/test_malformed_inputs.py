@@ -359,3 +359,30 @@ def test_any_train_config(options):
         TrainConfig(**options)
     except ConfigError:
         pass
+
+
+@SETTINGS
+@given(data=st.binary(max_size=400), gz=st.booleans())
+def test_any_bytes_as_an_idx_file(tmp_path, data, gz):
+    import gzip
+
+    from flowlab.data import read_idx
+
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(gzip.compress(data) if gz else data)
+    try:
+        read_idx(path)  # a few byte strings are valid IDX files (e.g. a 0-d ubyte header)
+    except DataError as err:
+        assert str(path) in str(err)
+
+
+@SETTINGS
+@given(data=st.binary(max_size=400))
+def test_any_bytes_as_a_cifar_batch(tmp_path, data):
+    from flowlab.data import load_cifar10
+
+    folder = tmp_path / "cifar"
+    folder.mkdir(exist_ok=True)
+    (folder / "test_batch").write_bytes(data)
+    with pytest.raises(DataError, match="test_batch"):
+        load_cifar10(folder, split="test")
