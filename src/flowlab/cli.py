@@ -105,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--data", default="8gaussians",
                     help="dataset name: 8gaussians, checkerboard, 2spirals, pinwheel, rings, "
-                         "circles, moons, swissroll")
+                         "circles, moons, swissroll (2-D, with true entropies); or images: "
+                         "digits (scikit-learn's 8x8), mnist, fashion-mnist, cifar10 (read from "
+                         "--data-dir)")
+    tr.add_argument("--data-dir", type=Path, default=None, metavar="FOLDER",
+                    help="folder holding the image files (MNIST IDX files, CIFAR-10 batches)")
+    tr.add_argument("--alpha", type=_nonnegative_float, default=0.05,
+                    help="images: margin of the logit transform logit(alpha + (1-2 alpha) x)")
+    tr.add_argument("--no-logit", action="store_true",
+                    help="images: model the dequantized pixels on [0, 1) directly")
     tr.add_argument("--model", default="ffjord",
                     help="ffjord (CNF, maximum likelihood), cfm (CNF, flow matching), or a "
                          "discrete flow: planar, radial, nice, realnvp, glow, maf, iaf, "
@@ -216,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ev.add_argument("run", type=Path, help="run folder written by `flowlab train`")
-    ev.add_argument("--n-test", type=_positive_int, default=20000, help="number of test points")
+    ev.add_argument("--n-test", type=_positive_int, default=None,
+                    help="number of test points (2-D data: 20000 fresh points) or a random "
+                         "subset of test images (default: the whole test set)")
     ev.add_argument("--batch-size", type=_positive_int, default=10000)
     ev.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact")
     _add_solver_args(ev)
@@ -276,9 +286,10 @@ def _set_threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
-def _flow_options(args: argparse.Namespace, dim: int) -> dict[str, Any]:
+def _flow_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str, Any]:
     """Options of a discrete flow family from the command line (only those given)."""
-    options: dict[str, Any] = {"dim": dim}
+    options: dict[str, Any] = (
+        {"dim": shape[0]} if len(shape) == 1 else {"image_shape": list(shape)})
     if args.num_blocks is not None:
         options["num_blocks"] = args.num_blocks
     if args.hidden is not None:
@@ -297,12 +308,13 @@ def _flow_options(args: argparse.Namespace, dim: int) -> dict[str, Any]:
     return options
 
 
-def _model_options(args: argparse.Namespace, dim: int) -> dict[str, Any]:
+def _model_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str, Any]:
     from flowlab.models import FAMILIES
     from flowlab.ode import SolverConfig
 
     if args.model in FAMILIES:
-        return _flow_options(args, dim)
+        return _flow_options(args, shape)
+    (dim,) = shape  # CNFs here work on vectors (images flattened)
 
     if args.seminorm and not args.adjoint:
         raise ConfigError("--seminorm only applies with --adjoint")
@@ -410,6 +422,41 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
+def _open_data(args: argparse.Namespace):
+    """The toy density or the image task that ``--data`` names."""
+    from flowlab.data import IMAGE_DATASETS, get_dataset
+
+    if args.data in IMAGE_DATASETS:
+        from flowlab.data.image_task import ImageTask, default_layout
+
+        if args.reflow is not None:
+            raise ConfigError("--reflow is for the 2-D densities; drop it for images")
+        alpha = None if args.no_logit else args.alpha
+        if args.data != "digits" and args.data_dir is None:
+            raise ConfigError(f"--data {args.data} is read from its standard files: give the "
+                              "folder holding them with --data-dir (nothing is downloaded)")
+        folder = None if args.data_dir is None else str(args.data_dir)
+        return ImageTask(args.data, folder, alpha, default_layout(args.model))
+    if args.data_dir is not None:
+        raise ConfigError(f"--data-dir is for image data sets; {args.data!r} is generated, "
+                          "drop --data-dir")
+    return get_dataset(args.data)
+
+
+def _data_from_config(config: dict[str, Any]):
+    from flowlab.data import get_dataset
+
+    if "data" in config:
+        from flowlab.data.image_task import ImageTask
+
+        return ImageTask.from_config(config["data"])
+    return get_dataset(config["dataset"])
+
+
+def _is_images(data) -> bool:
+    return hasattr(data, "to_pixels")
+
+
 def _has_progress(run_dir: Path) -> bool:
     """Whether a run folder holds any training (a checkpoint or a log record)."""
     from flowlab.train.checkpoint import LOG, list_checkpoints
@@ -444,7 +491,6 @@ def _train(args: argparse.Namespace, ranks) -> int:
     import torch
 
     from flowlab import __version__
-    from flowlab.data import get_dataset
     from flowlab.eval import heldout_points
     from flowlab.models import build_model
     from flowlab.train import TrainConfig, train
@@ -456,7 +502,7 @@ def _train(args: argparse.Namespace, ranks) -> int:
     if args.resume is not None:
         run_dir = args.resume
         config = read_run_config(run_dir)
-        dataset = get_dataset(config["dataset"])
+        dataset = _data_from_config(config)
         train_options = config["train"]
         if args.iters is not None or args.seconds is not None:
             train_options = {**train_options, "iters": args.iters, "seconds": args.seconds}
@@ -465,7 +511,7 @@ def _train(args: argparse.Namespace, ranks) -> int:
         model = build_model(config["model"], **config["model_options"])
         resume = True
     else:
-        dataset = get_dataset(args.data)
+        dataset = _open_data(args)
         seconds = args.seconds
         if args.iters is None and seconds is None:
             seconds = DEFAULT_SECONDS
@@ -479,7 +525,8 @@ def _train(args: argparse.Namespace, ranks) -> int:
             snapshot_at=tuple(args.snapshot_at),
         )
         torch.manual_seed(args.seed)
-        options = _model_options(args, dataset.dim)
+        shape = dataset.event_shape if _is_images(dataset) else (dataset.dim,)
+        options = _model_options(args, shape)
         if args.reflow is not None:
             if args.model != "cfm" or args.init is not None:
                 raise ConfigError("--reflow trains a cfm model from its teacher's weights: use "
@@ -509,6 +556,8 @@ def _train(args: argparse.Namespace, ranks) -> int:
             "flowlab_version": __version__, "dataset": dataset.name, "model": model.name,
             "model_options": model.config(), "train": train_config.to_dict(),
         }
+        if _is_images(dataset):
+            config["data"] = dataset.config()
         resume = False
 
     try:
@@ -520,12 +569,18 @@ def _train(args: argparse.Namespace, ranks) -> int:
         ranks.barrier()
         if not resume and args.reflow is not None:
             config = read_run_config(run_dir)  # with the pairs' description
-        sampler = (_pair_sampler(run_dir) if "reflow" in config
-                   else lambda n, gen: dataset.sample(n, generator=gen))
-        val = heldout_points(dataset, train_config.val_size, seed=10_000 + train_config.seed)
         workers = f", {ranks.world_size} processes" if ranks.active else ""
-        say(f"training {model.name} ({model.num_parameters():,} parameters) on "
-            f"{dataset.name} (true entropy H = {dataset.entropy:.4f} nats) into "
+        if _is_images(dataset):
+            sampler = dataset.sampler()
+            val = dataset.validation_points(train_config.val_size)
+            about = dataset.describe()
+        else:
+            sampler = (_pair_sampler(run_dir) if "reflow" in config
+                       else lambda n, gen: dataset.sample(n, generator=gen))
+            val = heldout_points(dataset, train_config.val_size,
+                                 seed=10_000 + train_config.seed)
+            about = f"{dataset.name} (true entropy H = {dataset.entropy:.4f} nats)"
+        say(f"training {model.name} ({model.num_parameters():,} parameters) on {about} into "
             f"{run_dir}{workers}")
         result = train(
             model, sampler, train_config, run_dir,
@@ -547,11 +602,10 @@ def _train(args: argparse.Namespace, ranks) -> int:
 
 
 def _load(run: Path):
-    from flowlab.data import get_dataset
     from flowlab.train import load_run
 
     model, config = load_run(run)
-    return model, config, get_dataset(config["dataset"])
+    return model, config, _data_from_config(config)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -574,7 +628,9 @@ def _eval(args: argparse.Namespace, ranks) -> int:
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     model = model.to(dtype)
     solver = _ode_solver(args, model)
-    points = heldout_points(dataset, args.n_test).to(dtype)
+    if _is_images(dataset):
+        return _eval_images(args, ranks, model, config, dataset, solver, dtype)
+    points = heldout_points(dataset, args.n_test or 20000).to(dtype)
     result = evaluate_nll(
         model, points, batch_size=args.batch_size, solver=solver, divergence=args.divergence,
         entropy=dataset.entropy, reference=dataset,
@@ -606,16 +662,55 @@ def _eval(args: argparse.Namespace, ranks) -> int:
     return 0
 
 
+def _eval_images(args, ranks, model, config, task, solver, dtype) -> int:
+    """Test bits/dim of an image run, over the whole test split unless --n-test."""
+    from flowlab.eval import evaluate_bits_per_dim
+
+    if ranks.active:
+        raise ConfigError("flowlab eval of image runs runs in one process; drop torchrun")
+    test = task.test_split()
+    result = evaluate_bits_per_dim(model, task, test, n_test=args.n_test,
+                                   batch_size=min(args.batch_size, 1000), solver=solver,
+                                   divergence=args.divergence, dtype=dtype)
+    report = {"dataset": task.name, "model": config["model"], **result.to_dict(),
+              "dtype": args.dtype, "run": str(args.run), "preprocess": repr(task.preprocess)}
+    _write_json(args.run / "eval.json", report)
+    subset = ("the whole test set" if result.n_test == result.n_total
+              else f"a random subset of {result.n_test} of {result.n_total}")
+    rows = [
+        ("dataset", task.name), ("model", config["model"]),
+        ("test bits/dim", f"{result.bits_per_dim:.4f} ± {result.bpd_se:.4f} (± 1 s.e. over "
+                          "images; uniform dequantization: an upper bound on the discrete "
+                          "data's bits/dim)"),
+        ("test images", f"{result.n_test} ({subset})"),
+        ("divergence", result.estimator),
+        ("solver", f"{result.solver or 'none (closed-form change of variables)'}, {args.dtype}"),
+        ("NFE per solve", f"{result.nfe:.0f}" if result.nfe is not None else "-"),
+        ("seconds", f"{result.seconds:.1f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print(f"wrote {args.run / 'eval.json'}")
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from flowlab.eval.samples import BLOCKS, sample_quality
 
-    out = args.out or args.run / "samples.npy"
-    if out.suffix not in (".npy", ".csv"):
-        raise ConfigError(f"unknown sample file type {out.suffix!r}; use .npy or .csv")
+    if args.out is not None and args.out.suffix not in (".npy", ".csv", ".png"):
+        raise ConfigError(f"unknown sample file type {args.out.suffix!r}; use .npy or .csv "
+                          "(points), .png or .npy (images)")
     model, _, dataset = _load(args.run)
+    images = _is_images(dataset)
+    out = args.out or args.run / ("samples.png" if images else "samples.npy")
+    allowed = (".png", ".npy") if images else (".npy", ".csv")
+    if out.suffix not in allowed:
+        raise ConfigError(f"this run models {'images' if images else '2-D points'}: write its "
+                          f"samples to {' or '.join(allowed)}, not {out.suffix}")
     solver = _ode_solver(args, model)
     model.eval()
     torch.manual_seed(args.seed)
@@ -628,6 +723,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         else:
             x, stats = model.to_data(z), []
     seconds = time.perf_counter() - start
+    if images:
+        from flowlab.viz import save_image_grid
+
+        pixels = dataset.to_pixels(x)
+        if out.suffix == ".png":
+            save_image_grid(pixels, out, dataset.levels)
+        else:
+            np.save(out, pixels.cpu().numpy())
+        print(f"wrote {args.num} sampled images to {out} in {seconds:.1f} s")
+        return 0
     samples = x.cpu().numpy()
     if out.suffix == ".csv":
         np.savetxt(out, samples, delimiter=",")
@@ -658,6 +763,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     model.eval()
     torch.manual_seed(args.seed)
     is_cnf = hasattr(model, "eval_solver")
+    if _is_images(dataset):
+        return _plot_images(args, model, config, dataset)
     plot_solver = model.eval_solver.replace(atol=1e-5, rtol=1e-5) if is_cnf else None
     written = []
     info = viz.plot_density_comparison(
@@ -678,6 +785,27 @@ def cmd_plot(args: argparse.Namespace) -> int:
     elif args.gif:
         print(f"no flow animation: it shows a CNF's vector field, and {model.name} has none")
     print(f"model density integrates to {info['model_mass']:.4f} on the plot grid")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _plot_images(args, model, config, task) -> int:
+    """Sampled images next to validation images, and the training curves."""
+    import torch
+
+    from flowlab import viz
+    from flowlab.train.checkpoint import LOG
+
+    with torch.no_grad():
+        samples = model.sample((64,))
+    written = [viz.save_image_grid(task.to_pixels(samples), args.run / "samples.png",
+                                   task.levels),
+               viz.save_image_grid(task.valid.images[:64], args.run / "data.png", task.levels)]
+    log_path = args.run / LOG
+    if log_path.is_file():
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        written.append(viz.plot_training_curves(records, args.run / "training.png"))
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -12,6 +12,7 @@ from flowlab.viz.density import (
     plot_samples,
     plot_training_curves,
 )
+from flowlab.viz.images import save_image_grid
 
 __all__ = [
     "animate_flow",
@@ -22,4 +23,5 @@ __all__ = [
     "plot_density_comparison",
     "plot_samples",
     "plot_training_curves",
+    "save_image_grid",
 ]
