@@ -1,6 +1,7 @@
 """Continuous normalizing flows: vector fields, divergences, augmented dynamics, CNF blocks."""
 
 from flowlab.cnf.block import CNF, CNFOutput
+from flowlab.cnf.conv import CONV_LAYERS, ConcatSquashConv2d, ConvVectorField
 from flowlab.cnf.divergence import (
     PROBES,
     divergence_exact,
@@ -13,11 +14,14 @@ from flowlab.cnf.nets import ACTIVATIONS, LAYERS, MLPVectorField
 __all__ = [
     "ACTIVATIONS",
     "CNF",
+    "CONV_LAYERS",
     "CNFOutput",
     "DIVERGENCES",
     "LAYERS",
     "PROBES",
     "AugmentedDynamics",
+    "ConcatSquashConv2d",
+    "ConvVectorField",
     "MLPVectorField",
     "divergence_exact",
     "divergence_hutchinson",

@@ -2,5 +2,6 @@
 
 from flowlab.nets.made import MADE
 from flowlab.nets.mlp import ACTIVATIONS, MLP, with_context
+from flowlab.nets.unet import UNetVectorField
 
-__all__ = ["ACTIVATIONS", "MADE", "MLP", "with_context"]
+__all__ = ["ACTIVATIONS", "MADE", "MLP", "UNetVectorField", "with_context"]
