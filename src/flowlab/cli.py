@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="hidden widths of the vector field, e.g. 64,64,64 (default: "
                           "64,64,64 for ffjord; 256 x 5 for cfm, whose training steps are cheap "
                           "and which needs the depth for sharp densities, measured on rings)")
+    cnf.add_argument("--field", choices=("mlp", "conv", "unet"), default=None,
+                     help="vector field: mlp (2-D data and flattened images), conv (FFJORD's "
+                          "convolutional field) or unet (flow matching); default: mlp, and on "
+                          "images conv for ffjord, unet for cfm")
     cnf.add_argument("--layer", choices=sorted(LAYERS), default="concatsquash",
                      help="how time enters each layer")
     cnf.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh")
@@ -175,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the family's)")
     cnf.add_argument("--T", type=_positive_float, default=0.5, help="initial integration time")
     cnf.add_argument("--fixed-T", action="store_true", help="do not learn T")
-    cnf.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact",
-                     help="divergence used in training")
+    cnf.add_argument("--divergence", choices=("exact", "hutchinson"), default=None,
+                     help="divergence used in training (default: exact; hutchinson for images "
+                          "with a conv or unet field)")
     cnf.add_argument("--probe", choices=("rademacher", "gaussian"), default="rademacher",
                      help="Hutchinson probe distribution")
     _add_solver_args(cnf)
@@ -314,20 +319,28 @@ def _model_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str
 
     if args.model in FAMILIES:
         return _flow_options(args, shape)
-    (dim,) = shape  # CNFs here work on vectors (images flattened)
 
     if args.seminorm and not args.adjoint:
         raise ConfigError("--seminorm only applies with --adjoint")
     solver = _solver_from_args(args, SolverConfig(
         gradient="adjoint" if args.adjoint else "backprop", seminorm=args.seminorm
     ))
-    hidden = args.hidden or (CFM_HIDDEN if args.model == "cfm" else FFJORD_HIDDEN)
+    field = _cnf_field(args, shape)
+    images = len(shape) == 3
+    hidden = args.hidden or (IMAGE_HIDDEN[field] if images
+                             else CFM_HIDDEN if args.model == "cfm" else FFJORD_HIDDEN)
+    divergence = args.divergence or ("hutchinson" if images else "exact")
     options = {
-        "dim": dim, "hidden": hidden, "layer": args.layer, "activation": args.activation,
+        "dim": None if images else shape[0], "hidden": hidden, "layer": args.layer,
+        "activation": args.activation,
         "num_blocks": args.num_blocks or 1, "T": args.T, "train_T": not args.fixed_T,
-        "divergence": args.divergence, "probe": args.probe, "solver": solver.to_dict(),
+        "divergence": divergence, "probe": args.probe, "solver": solver.to_dict(),
         "kinetic": args.kinetic, "jacobian": args.jacobian,
     }
+    if images:
+        options.update(image_shape=list(shape), field=field)
+        if args.activation == "tanh" and field == "conv":
+            options["activation"] = "softplus"  # FFJORD's choice for images
     if args.model == "cfm":
         # The path fixes the flow: one block on [0, 1]; no ODE is solved in training.
         options.update(num_blocks=1, T=1.0, train_T=False, path=args.path,
@@ -422,6 +435,18 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write_json(path, obj)
 
 
+IMAGE_HIDDEN = {"conv": [64, 64, 64], "unet": [32, 64]}
+
+
+def _cnf_field(args: argparse.Namespace, shape: tuple[int, ...]) -> str:
+    """The vector field of a CNF: mlp on vectors; conv (ffjord) or unet (cfm) on images."""
+    if len(shape) == 1:
+        if args.field not in (None, "mlp"):
+            raise ConfigError(f"--field {args.field} is for images; 2-D data takes mlp")
+        return "mlp"
+    return args.field or ("unet" if args.model == "cfm" else "conv")
+
+
 def _open_data(args: argparse.Namespace):
     """The toy density or the image task that ``--data`` names."""
     from flowlab.data import IMAGE_DATASETS, get_dataset
@@ -436,7 +461,9 @@ def _open_data(args: argparse.Namespace):
             raise ConfigError(f"--data {args.data} is read from its standard files: give the "
                               "folder holding them with --data-dir (nothing is downloaded)")
         folder = None if args.data_dir is None else str(args.data_dir)
-        return ImageTask(args.data, folder, alpha, default_layout(args.model))
+        cnf_on_pixels = args.model in ("ffjord", "cfm") and args.field != "mlp"
+        layout = "image" if cnf_on_pixels else default_layout(args.model)
+        return ImageTask(args.data, folder, alpha, layout)
     if args.data_dir is not None:
         raise ConfigError(f"--data-dir is for image data sets; {args.data!r} is generated, "
                           "drop --data-dir")
@@ -798,7 +825,11 @@ def _plot_images(args, model, config, task) -> int:
     from flowlab.train.checkpoint import LOG
 
     with torch.no_grad():
-        samples = model.sample((64,))
+        if hasattr(model, "eval_solver"):  # a CNF: a looser solve is plenty for a picture
+            solver = model.eval_solver.replace(atol=1e-5, rtol=1e-5)
+            samples = model.to_data(model.base_sample((64,)), solver=solver)
+        else:
+            samples = model.sample((64,))
     written = [viz.save_image_grid(task.to_pixels(samples), args.run / "samples.png",
                                    task.levels),
                viz.save_image_grid(task.valid.images[:64], args.run / "data.png", task.levels)]

@@ -23,8 +23,9 @@ def divergence_exact(
     """Exact divergence as a sum of ``dim`` vector-Jacobian products (cheap for small dim).
 
     Args:
-        f: ``(batch, dim)`` field values computed from ``z``.
-        z: ``(batch, dim)`` input that requires grad.
+        f: ``(batch, dim)`` field values computed from ``z`` (or ``(batch, C, H, W)``: any
+            event shape, taken element by element in flattened order).
+        z: input of the same shape that requires grad.
         create_graph: keep the graph (needed when the divergence is differentiated).
         with_frobenius: also return the exact squared Frobenius norm ``||df/dz||_F^2`` per
             sample, which comes for free from the same rows of the Jacobian.
@@ -34,11 +35,11 @@ def divergence_exact(
     """
     div = torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
     frob = torch.zeros_like(div) if with_frobenius else None
-    dim = f.shape[1]
-    for i in range(dim):
+    flat = f.flatten(1)
+    for i in range(flat.shape[1]):
         row = torch.autograd.grad(
-            f[:, i].sum(), z, create_graph=create_graph, retain_graph=True
-        )[0]
+            flat[:, i].sum(), z, create_graph=create_graph, retain_graph=True
+        )[0].flatten(1)
         div = div + row[:, i]
         if frob is not None:
             frob = frob + row.pow(2).sum(dim=1)

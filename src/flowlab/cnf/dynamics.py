@@ -68,12 +68,7 @@ class AugmentedDynamics:
                 # may even be a view made in no-grad mode: start a fresh graph at z.
                 z = z.detach().requires_grad_(True)
             f = self.field(t, z)
-            if self.divergence == "exact":
-                if z.ndim != 2:
-                    raise ConfigError(
-                        "the exact divergence needs flat (batch, dim) states; use "
-                        "divergence='hutchinson' for images"
-                    )
+            if self.divergence == "exact":  # dim backward passes: exact but costly for images
                 div, frob = divergence_exact(
                     f, z, create_graph=grad_on, with_frobenius=self.jacobian
                 )

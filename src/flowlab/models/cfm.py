@@ -40,7 +40,7 @@ class CFM(FFJORD):
 
     def __init__(
         self,
-        dim: int,
+        dim: int | None = None,
         path: str = "linear",
         sigma_min: float = 1e-4,
         coupling: str = "independent",

@@ -9,11 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from flowlab.cnf import CNF, MLPVectorField, sample_probe
+from flowlab.cnf import CNF, ConvVectorField, MLPVectorField, sample_probe
 from flowlab.cnf.divergence import PROBES
 from flowlab.cnf.dynamics import DIVERGENCES
 from flowlab.errors import ConfigError
 from flowlab.models.base import DensityModel, LossOutput, register_model, standard_normal_log_prob
+from flowlab.nets import UNetVectorField
 from flowlab.ode import SolverConfig, SolveStats
 
 
@@ -35,10 +36,15 @@ class FFJORD(DensityModel):
     runs the blocks in reverse order, each from its T back to 0.
 
     Args:
-        dim: dimension of the data.
-        hidden: hidden widths of each block's vector field.
+        dim: dimension of the data (vectors; or give ``image_shape``).
+        hidden: hidden widths of each block's vector field (channels for ``conv``; for
+            ``unet`` the first is the base channel count and the others set the channels of
+            the lower resolutions, e.g. ``(32, 64)``).
         layer: time conditioning (``concat``, ``concatsquash``, ``ignore``).
         activation: ``tanh``, ``softplus``, ``swish``, ``elu``.
+        image_shape: ``(C, H, W)`` for images.
+        field: ``mlp`` (vectors), ``conv`` (FFJORD's concatsquash convolutions) or ``unet``
+            (a time-embedded U-Net, for flow matching) on images.
         num_blocks: number of stacked CNF blocks.
         T: initial integration time of each block; ``train_T`` learns it.
         divergence: used in training: ``exact`` or ``hutchinson``.
@@ -51,7 +57,7 @@ class FFJORD(DensityModel):
 
     def __init__(
         self,
-        dim: int,
+        dim: int | None = None,
         hidden: Sequence[int] = (64, 64, 64),
         layer: str = "concatsquash",
         activation: str = "tanh",
@@ -65,8 +71,16 @@ class FFJORD(DensityModel):
         eval_divergence: str = "exact",
         kinetic: float = 0.0,
         jacobian: float = 0.0,
+        image_shape: Sequence[int] | None = None,
+        field: str = "mlp",
     ):
-        super().__init__((dim,))
+        if (dim is None) == (image_shape is None):
+            raise ConfigError("give dim (vectors) or image_shape (C, H, W), not both or neither")
+        shape = (int(dim),) if image_shape is None else tuple(int(s) for s in image_shape)
+        if field not in FIELDS or (field == "mlp") != (len(shape) == 1):
+            raise ConfigError(f"field {field!r} does not fit shape {shape}: use mlp for vectors, "
+                              "conv or unet for (C, H, W) images")
+        super().__init__(shape)
         if num_blocks < 1:
             raise ConfigError(f"num_blocks must be at least 1, got {num_blocks}")
         for name, value, allowed in (
@@ -88,8 +102,10 @@ class FFJORD(DensityModel):
         }
         self.solver = _as_solver(solver, SolverConfig())
         self.eval_solver = _as_solver(eval_solver, SolverConfig(atol=1e-6, rtol=1e-6))
+        if image_shape is not None:  # (stored only when used: older configs stay equal)
+            self.options.update(image_shape=list(shape), field=field)
         self.blocks = nn.ModuleList(
-            CNF(MLPVectorField(dim, hidden, layer, activation), T, train_T, divergence)
+            CNF(_make_field(field, shape, hidden, layer, activation), T, train_T, divergence)
             for _ in range(num_blocks)
         )
 
@@ -243,6 +259,22 @@ class FFJORD(DensityModel):
         metrics["nfe_forward"] = float(sum(s.nfe_forward for s in result.stats))
         metrics["T"] = float(sum(float(b.T.detach()) for b in self.blocks))
         return LossOutput(loss, metrics, result.stats)
+
+
+FIELDS = ("mlp", "conv", "unet")
+
+
+def _make_field(field: str, shape: tuple[int, ...], hidden: Sequence[int], layer: str,
+                activation: str) -> nn.Module:
+    if field == "mlp":
+        return MLPVectorField(shape[0], hidden, layer, activation)
+    if field == "conv":
+        return ConvVectorField(shape, tuple(hidden), layer, activation)
+    hidden = [int(h) for h in hidden]
+    if not hidden or any(h < 1 or h % hidden[0] for h in hidden):
+        raise ConfigError(f"unet widths must be multiples of the first, e.g. 32,64; got {hidden}")
+    return UNetVectorField(shape, channels=hidden[0],
+                           channel_mult=tuple(h // hidden[0] for h in hidden))
 
 
 def _as_solver(value: dict | SolverConfig | None, default: SolverConfig) -> SolverConfig:

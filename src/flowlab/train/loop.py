@@ -408,16 +408,21 @@ def check_first_batch(batch: tuple[torch.Tensor, ...], model: DensityModel) -> N
 def validation_nll(model: DensityModel, points: torch.Tensor) -> float:
     """Mean NLL (nats) of fixed held-out points, in eval mode (exact divergence by default).
 
-    The training solver's tolerance is used rather than the tight evaluation one: this number
-    tracks progress, `flowlab eval` gives the one to report. Under torch.distributed each rank
-    evaluates its share of the points and the sums are reduced (a collective).
+    The training solver's tolerance and divergence are used rather than the tight, exact
+    evaluation ones (on images the exact divergence costs one backward pass per pixel): this
+    number tracks progress, `flowlab eval` gives the one to report. Under torch.distributed
+    each rank evaluates its share of the points and the sums are reduced (a collective).
     """
     ranks = distributed.context()
     shard = points[ranks.rank::ranks.world_size]
     was_training = model.training
     model.eval()
     solver = getattr(model, "solver", None)
-    kwargs = {"solver": solver.replace(gradient="backprop", seminorm=False)} if solver else {}
+    kwargs = {}
+    if solver is not None:
+        kwargs = {"solver": solver.replace(gradient="backprop", seminorm=False),
+                  "divergence": model.options["divergence"],
+                  "generator": torch.Generator(device=points.device).manual_seed(0)}
     try:
         with torch.no_grad():
             total = float(-model.log_prob(shard, **kwargs).sum()) if len(shard) else 0.0
