@@ -256,11 +256,6 @@ def test_dynamics_and_cnf_invalid_options():
         CNF(field, T=-1.0)
     with pytest.raises(ConfigError):
         CNF(field, divergence="approximate")
-    images = torch.zeros(2, 1, 2, 2, dtype=F64)
-    with pytest.raises(ConfigError):
-        AugmentedDynamics(LinearField(torch.eye(2, dtype=F64)))(
-            torch.tensor(0.0, dtype=F64), (images, torch.zeros(2, dtype=F64))
-        )
 
 
 # -- linear dynamics: closed forms ----------------------------------------------------------------
@@ -499,3 +494,18 @@ def test_odeint_of_augmented_dynamics_with_adjoint_matches_backprop():
         grads.append(torch.autograd.grad(loss, [*field.parameters()]))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_exact_divergence_of_an_image_field_is_the_trace_over_all_pixels():
+    """On (batch, C, H, W) states the exact divergence is the trace of the Jacobian of the
+    flattened field: here a fixed linear map of the 8 pixel values."""
+    gen = torch.Generator().manual_seed(0)
+    matrix = torch.randn(8, 8, generator=gen, dtype=F64)
+
+    def field(t, z):
+        return (z.flatten(1) @ matrix.T).reshape(z.shape)
+
+    z = torch.randn(3, 2, 2, 2, dtype=F64, generator=gen, requires_grad=True)
+    div, frob = divergence_exact(field(0.0, z), z, create_graph=False, with_frobenius=True)
+    torch.testing.assert_close(div, torch.trace(matrix).expand(3))
+    torch.testing.assert_close(frob, matrix.pow(2).sum().expand(3))

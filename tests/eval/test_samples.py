@@ -84,7 +84,7 @@ def test_mmd2_is_exactly_unbiased_by_enumeration():
 @pytest.mark.parametrize(
     "x, y, kwargs, error",
     [
-        (torch.zeros(40, 2), torch.zeros(40, 3), {}, ConfigError),
+        (torch.zeros(40, 2), torch.zeros(40, 3), {}, DataError),  # points of two dimensions
         (torch.zeros(19, 2), torch.zeros(40, 2), {}, ConfigError),
         (torch.zeros(40, 2), torch.zeros(7, 2), {"blocks": 4}, ConfigError),
         (torch.zeros(40), torch.zeros(40), {}, ConfigError),
