@@ -70,7 +70,7 @@ from flowlab.data import get_dataset
 from flowlab.errors import ConfigError, FlowlabError, RunDirError
 from flowlab.eval.nll import evaluate_nll, heldout_points
 from flowlab.train.checkpoint import atomic_write_bytes, atomic_write_json
-from flowlab.train.loop import TrainConfig, check_finite, learning_rate
+from flowlab.train.loop import TrainConfig, budget_progress, check_finite, learning_rate
 
 CONFIG = "config.json"
 LOG = "log.jsonl"
@@ -186,16 +186,6 @@ def data_stream(dataset: Any, batch_size: int, seed: int) -> Iterator[torch.Tens
         yield dataset.sample(batch_size, generator=generator)
 
 
-def _progress(config: TrainConfig, step: int, seconds: float) -> float:
-    """Fraction of the budget used, as flowlab's loop measures it (the further of the two)."""
-    fractions = []
-    if config.iters is not None:
-        fractions.append(step / config.iters)
-    if config.seconds is not None:
-        fractions.append(seconds / config.seconds)
-    return max(fractions)
-
-
 def train(
     name: str,
     dataset_name: str,
@@ -239,9 +229,9 @@ def train(
     step, clock, record = 0, 0.0, {}
     model.train()
     with open(out_dir / LOG, "w") as log_file:
-        while _progress(config, step, clock) < 1.0:
+        while budget_progress(config, step, clock) < 1.0:
             start = time.perf_counter()
-            rate = learning_rate(config, step, _progress(config, step, clock))
+            rate = learning_rate(config, step, budget_progress(config, step, clock))
             for group in optimizer.param_groups:
                 group["lr"] = rate
             batch = next(batches).to(ref)
@@ -255,7 +245,7 @@ def train(
             value = float(loss.detach())
             record = {"step": step, "seconds": round(clock, 3), "loss": value, "nll": value,
                       "lr": rate}
-            if step % log_every == 0 or _progress(config, step, clock) >= 1.0:
+            if step % log_every == 0 or budget_progress(config, step, clock) >= 1.0:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
             if callback is not None:

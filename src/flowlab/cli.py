@@ -682,11 +682,15 @@ def _eval(args: argparse.Namespace, ranks) -> int:
         ("NFE per solve", f"{result.nfe:.0f}" if result.nfe is not None else "-"),
         ("seconds", f"{result.seconds:.1f} s"),
     ]
+    _print_rows(rows)
+    print(f"wrote {args.run / 'eval.json'}")
+    return 0
+
+
+def _print_rows(rows: list[tuple[str, str]]) -> None:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
-    print(f"wrote {args.run / 'eval.json'}")
-    return 0
 
 
 def _eval_images(args, ranks, model, config, task, solver, dtype) -> int:
@@ -715,9 +719,7 @@ def _eval_images(args, ranks, model, config, task, solver, dtype) -> int:
         ("NFE per solve", f"{result.nfe:.0f}" if result.nfe is not None else "-"),
         ("seconds", f"{result.seconds:.1f} s"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    _print_rows(rows)
     print(f"wrote {args.run / 'eval.json'}")
     return 0
 

@@ -149,7 +149,8 @@ def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
     return lr
 
 
-def _progress(config: TrainConfig, step: int, seconds: float) -> float:
+def budget_progress(config: TrainConfig, step: int, seconds: float) -> float:
+    """Fraction of the budget used: the further along of iterations and seconds."""
     fractions = []
     if config.iters is not None:
         fractions.append(step / config.iters)
@@ -547,7 +548,7 @@ def train(
             raise fault
         return LossOutput(loss, metrics, stats)
 
-    val_marks, snapshot_marks = marks(_progress(config, step, seconds), seconds)
+    val_marks, snapshot_marks = marks(budget_progress(config, step, seconds), seconds)
     last_checkpoint = (step, seconds)
     metrics: dict[str, float] = {}
     stopped_by = "budget"
@@ -560,12 +561,12 @@ def train(
             if writer is not None:
                 with _writing(ckpt.LOG, writer, last_path):
                     log_file = open(writer / ckpt.LOG, "a")  # noqa: SIM115
-            while _progress(config, step, seconds) < 1.0:
+            while budget_progress(config, step, seconds) < 1.0:
                 if stop_requested:
                     stopped_by = signals.name or "SIGTERM"  # another rank may have seen it
                     break
                 start = time.perf_counter()
-                lr = lr_scale * learning_rate(config, step, _progress(config, step, seconds))
+                lr = lr_scale * learning_rate(config, step, budget_progress(config, step, seconds))
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 batch = tuple(b.to(ref) for b in _draw(sampler, config, data_gen, ranks))
@@ -605,7 +606,8 @@ def train(
                         with _writing(ckpt.LOG, writer, last_path):
                             ckpt.truncate_log(writer, step)
                             log_file = open(writer / ckpt.LOG, "a")  # noqa: SIM115
-                    val_marks, snapshot_marks = marks(_progress(config, step, seconds), seconds)
+                    now = budget_progress(config, step, seconds)
+                    val_marks, snapshot_marks = marks(now, seconds)
                     if bar is not None:
                         bar.n = step
                     continue
@@ -625,7 +627,7 @@ def train(
                 if out.stats:
                     metrics["nfe_backward"] = float(sum(s.nfe_backward for s in out.stats))
                 record: dict[str, Any] = {"step": step, "seconds": round(seconds, 3), **metrics}
-                now = _progress(config, step, seconds)
+                now = budget_progress(config, step, seconds)
                 if val_marks and now >= val_marks[0]:
                     val_marks = [m for m in val_marks if m > now]
                     with _averaged(ema, model):
