@@ -123,7 +123,13 @@ def init_from_env(backend: str | None = None) -> Context:
 
 
 def shutdown() -> None:
+    """Leave the process group; every rank waits for the others first, so that none tears
+    down its connections while a peer still uses them (gloo can abort the process then)."""
     if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:  # a peer already failed: nothing left to wait for
+            pass
         dist.destroy_process_group()
 
 

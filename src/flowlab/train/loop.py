@@ -8,6 +8,7 @@ finite.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -682,4 +683,9 @@ def train(
                       f"{last_path}; resume with `flowlab train --resume {run_dir}`", flush=True)
     if ema is not None:
         ema.copy_to(model)  # the trained model is the average (the checkpoint keeps both)
+    if objective is not None:
+        # Free DDP's reducer now, while the process group is alive: collected later (it sits
+        # in reference cycles), its gloo work can outlive the group and abort the process.
+        del objective, loss_and_backward
+        gc.collect()
     return TrainResult(step, seconds, metrics, stopped_by, restores)
