@@ -58,7 +58,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,13 @@ from flowlab.data import get_dataset
 from flowlab.errors import ConfigError, FlowlabError, RunDirError
 from flowlab.eval.nll import evaluate_nll, heldout_points
 from flowlab.train.checkpoint import atomic_write_bytes, atomic_write_json
-from flowlab.train.loop import TrainConfig, budget_progress, check_finite, learning_rate
+from flowlab.train.loop import (
+    TrainConfig,
+    budget_progress,
+    check_finite,
+    data_stream,
+    learning_rate,
+)
 
 CONFIG = "config.json"
 LOG = "log.jsonl"
@@ -178,14 +184,6 @@ def library_version(name: str) -> str:
 
 
 # -- training -------------------------------------------------------------------------------------
-def data_stream(dataset: Any, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """The training batches ``(batch_size, D)`` float32 that ``flowlab train`` draws for
-    ``seed``: ``dataset.sample(batch_size, generator=g)``, ``g`` seeded with ``seed + 1``."""
-    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
-    while True:
-        yield dataset.sample(batch_size, generator=generator)
-
-
 def train(
     name: str,
     dataset_name: str,

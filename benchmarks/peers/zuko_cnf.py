@@ -59,7 +59,7 @@ from flowlab.data import get_dataset
 from flowlab.errors import ConfigError, NonFiniteError, RunDirError, SolverError
 from flowlab.eval.nll import heldout_points, mean_and_se
 from flowlab.train.checkpoint import atomic_write_bytes, atomic_write_json
-from flowlab.train.loop import TrainConfig, check_finite, learning_rate
+from flowlab.train.loop import TrainConfig, check_finite, data_stream, learning_rate
 
 CONFIG = "config.json"
 LOG = "log.jsonl"
@@ -143,14 +143,6 @@ def _save_snapshot(path: Path, flow: torch.nn.Module, step: int, seconds: float)
     tensors = {k: v.detach().cpu().contiguous() for k, v in flow.state_dict().items()}
     meta = {"peer": "zuko", "step": str(step), "seconds": f"{seconds:.6f}"}
     atomic_write_bytes(path, st_save(tensors, metadata=meta))
-
-
-def data_stream(dataset: Any, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """The training batches ``(batch_size, D)`` float32 that ``flowlab train`` draws for
-    ``seed``: ``dataset.sample(batch_size, generator=g)``, ``g`` seeded with ``seed + 1``."""
-    generator = torch.Generator(device="cpu").manual_seed(seed + 1)
-    while True:
-        yield dataset.sample(batch_size, generator=generator)
 
 
 def train(

@@ -677,14 +677,20 @@ def _eval(args: argparse.Namespace, ranks) -> int:
         ("KL(data||model)", f"{result.kl_nats:+.4f} ± {result.kl_se:.4f} nats (paired with "
                             "the true density on the same points)"),
         ("test points", f"{result.n_test}"),
+    ]
+    _print_rows(rows + _solve_rows(result, args.dtype))
+    print(f"wrote {args.run / 'eval.json'}")
+    return 0
+
+
+def _solve_rows(result, dtype: str) -> list[tuple[str, str]]:
+    """How an evaluation was computed: estimator, solver, NFE, time."""
+    return [
         ("divergence", result.estimator),
-        ("solver", f"{result.solver or 'none (closed-form change of variables)'}, {args.dtype}"),
+        ("solver", f"{result.solver or 'none (closed-form change of variables)'}, {dtype}"),
         ("NFE per solve", f"{result.nfe:.0f}" if result.nfe is not None else "-"),
         ("seconds", f"{result.seconds:.1f} s"),
     ]
-    _print_rows(rows)
-    print(f"wrote {args.run / 'eval.json'}")
-    return 0
 
 
 def _print_rows(rows: list[tuple[str, str]]) -> None:
@@ -714,12 +720,8 @@ def _eval_images(args, ranks, model, config, task, solver, dtype) -> int:
                           "images; uniform dequantization: an upper bound on the discrete "
                           "data's bits/dim)"),
         ("test images", f"{result.n_test} ({subset})"),
-        ("divergence", result.estimator),
-        ("solver", f"{result.solver or 'none (closed-form change of variables)'}, {args.dtype}"),
-        ("NFE per solve", f"{result.nfe:.0f}" if result.nfe is not None else "-"),
-        ("seconds", f"{result.seconds:.1f} s"),
     ]
-    _print_rows(rows)
+    _print_rows(rows + _solve_rows(result, args.dtype))
     print(f"wrote {args.run / 'eval.json'}")
     return 0
 

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -434,6 +434,19 @@ def validation_nll(model: DensityModel, points: torch.Tensor) -> float:
     return total / count
 
 
+def data_generator(seed: int) -> torch.Generator:
+    """The generator of the training data stream for ``seed`` (the loop's, and the peers')."""
+    return torch.Generator(device="cpu").manual_seed(seed + 1)
+
+
+def data_stream(dataset: Any, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """The batches ``dataset.sample(batch_size, generator)`` that a single-process run with
+    ``seed`` trains on, in order (for peers trained on the same data)."""
+    generator = data_generator(seed)
+    while True:
+        yield dataset.sample(batch_size, generator=generator)
+
+
 def _draw(sampler: Sampler, config: TrainConfig, data_gen: torch.Generator,
           ranks: distributed.Context) -> tuple[torch.Tensor, ...]:
     """This rank's batch: its slice of the global batch of ``world_size * batch_size``."""
@@ -474,7 +487,7 @@ def train(
     """
     ranks = distributed.context()
     ref = next(iter(model.parameters()))
-    data_gen = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+    data_gen = data_generator(config.seed)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
