@@ -283,3 +283,76 @@ def test_pair_sampler_batches_reach_the_loss(tmp_path):
     train(model, lambda n, g: (torch.randn(n, 2, generator=g), torch.randn(n, 2, generator=g)),
           TrainConfig(iters=3, batch_size=16), progress=False)
     assert seen == [(torch.Size([16, 2]), torch.Size([16, 2]))] * 3
+
+
+def _clusters(n: int, gen: torch.Generator, width: float) -> torch.Tensor:
+    centres = torch.tensor([[2.0, 1.0], [-2.0, 0.4], [0.6, -2.4], [-0.8, 2.2]])
+    return centres[torch.randint(0, 4, (n,), generator=gen)] + width * torch.randn(
+        n, 2, generator=gen)
+
+
+def _memorize_sampler(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Four clusters far narrower than the validation data's: a flow first learns where they
+    are (validation improves), then sharpens onto them (validation turns worse)."""
+    return _clusters(n, gen, 0.02)
+
+
+def _keep_best_run(run, callback=None, resume=False):
+    config = TrainConfig(iters=150, batch_size=64, lr=1e-3, log_every=1, val_every=30,
+                         keep_best=True, seed=5)
+    val = _clusters(400, torch.Generator().manual_seed(9), 0.3)
+    torch.manual_seed(5)
+    model = build_model("maf", dim=2)
+    result = train(model, _memorize_sampler, config, run, progress=False, val_points=val,
+                   callback=callback, resume=resume)
+    return model, result, val
+
+
+def test_keep_best_returns_and_saves_the_best_validation_weights(tmp_path):
+    from flowlab.train.loop import validation_nll
+
+    model, result, val = _keep_best_run(tmp_path)
+    records = [json.loads(line) for line in (tmp_path / ckpt.LOG).read_text().splitlines()]
+    vals = {r["step"]: r["val_nll"] for r in records if "val_nll" in r}
+    assert len(vals) == 30
+    best_step = min(vals, key=vals.get)
+    # the point of the test: validation got worse after the best step
+    assert min(vals) < best_step < result.steps, vals  # validation improved, then worsened
+    assert vals[result.steps] > vals[best_step] + 0.1 < vals[min(vals)], vals
+    assert result.best["step"] == best_step
+    assert result.best["val_nll"] == vals[best_step]
+    assert validation_nll(model, val) == pytest.approx(vals[best_step], rel=1e-6)
+    saved, best_file = load_model(tmp_path / ckpt.WEIGHTS), load_model(tmp_path / ckpt.BEST)
+    for (key, a), b, c in zip(model.state_dict().items(), saved.state_dict().values(),
+                              best_file.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c), key
+
+
+def test_keep_best_survives_resume(tmp_path):
+    reference, ref_result, _ = _keep_best_run(tmp_path / "a")
+
+    def interrupt(record):
+        if record["step"] == ref_result.best["step"] + 7:
+            raise KeyboardInterrupt
+
+    _, first, _ = _keep_best_run(tmp_path / "b", callback=interrupt)
+    def same(a, b):  # the clock differs from run to run
+        return (a["step"], a["val_nll"]) == (b["step"], b["val_nll"])
+
+    assert first.stopped_by == "SIGINT" and same(first.best, ref_result.best)
+    resumed, result, _ = _keep_best_run(tmp_path / "b", resume=True)
+    assert same(result.best, ref_result.best) and result.steps == 150
+    for (key, a), b in zip(reference.state_dict().items(), resumed.state_dict().values(),
+                           strict=True):
+        assert torch.equal(a, b), key
+    (tmp_path / "b" / ckpt.BEST).unlink()
+    with pytest.raises(RunDirError, match="best.safetensors is missing"):
+        _keep_best_run(tmp_path / "b", resume=True)
+
+
+def test_keep_best_needs_validation():
+    with pytest.raises(ConfigError, match="val_every"):
+        TrainConfig(iters=5, keep_best=True, val_every=0)
+    with pytest.raises(ConfigError, match="val_points"):
+        train(small_model(), blob_sampler, TrainConfig(iters=5, keep_best=True),
+              progress=False)

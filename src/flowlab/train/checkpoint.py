@@ -35,6 +35,7 @@ from flowlab.models import DensityModel, build_model
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+BEST = "best.safetensors"  # keep_best: the weights with the lowest validation NLL
 CHECKPOINTS = "checkpoints"
 LEGACY_CHECKPOINT = "checkpoint.safetensors"  # flowlab 0.1 kept one checkpoint here
 LOG = "log.jsonl"

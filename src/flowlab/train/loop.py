@@ -68,6 +68,12 @@ class TrainConfig:
             warmed up as ``min(ema, (1 + step) / (10 + step))``.
         snapshot_at: training times (seconds) at which the model weights are saved to
             ``snapshots/`` in the run folder, for time-to-quality curves.
+        keep_best: model selection on the validation points (early stopping without
+            stopping): the weights with the lowest validation NLL so far are kept (in
+            ``best.safetensors`` in the run folder), and the trained model (returned, and
+            saved as ``model.safetensors``) is that one rather than the last. Needs
+            validation (``val_every > 0`` and validation points). Resume checkpoints still
+            hold the last state, so a resumed run continues training where it stopped.
         seed: seeds the initialization, the data stream and the probes.
     """
 
@@ -90,6 +96,7 @@ class TrainConfig:
     max_restores: int = 3
     ema: float = 0.0
     snapshot_at: tuple[float, ...] = ()
+    keep_best: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,6 +127,9 @@ class TrainConfig:
                               f"of {NONFINITE_POLICIES}")
         if self.max_restores < 0:
             raise ConfigError(f"max_restores must be >= 0, got {self.max_restores}")
+        if self.keep_best and self.val_every < 1:
+            raise ConfigError("keep_best selects the weights by validation: it needs "
+                              "val_every >= 1")
         if not (0 <= self.ema < 1):
             raise ConfigError(f"ema is a decay in [0, 1) (0: off), got {self.ema}")
         self.snapshot_at = tuple(sorted(float(s) for s in self.snapshot_at))
@@ -137,6 +147,7 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
     stopped_by: str = "budget"  # or "SIGINT", "SIGTERM"
     restores: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # with keep_best: step, seconds, val_nll of the model
 
 
 def learning_rate(config: TrainConfig, step: int, progress: float) -> float:
@@ -250,6 +261,7 @@ def _rng_states() -> dict[str, Any]:
 def _payload(
     model: DensityModel, optimizer: torch.optim.Optimizer, data_gen: torch.Generator,
     ema: WeightAverage | None, step: int, seconds: float, lr_scale: float, restores: list,
+    best: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Everything needed to continue training exactly: tensors (copied) and JSON metadata.
 
@@ -271,7 +283,7 @@ def _payload(
     meta = {
         **ckpt.model_metadata(model), "step": step, "seconds": seconds, "lr_scale": lr_scale,
         "restores": restores, "optim": optim_meta, "world_size": ranks.world_size,
-        "rng": meta_rng,
+        "rng": meta_rng, "best": best,
     }
     return tensors, json.loads(json.dumps(meta))  # a deep copy, and proof that it is JSON
 
@@ -485,6 +497,8 @@ def train(
     DistributedDataParallel; see :mod:`flowlab.train.distributed` for how data, seeds and
     writing are shared out. Only rank 0 writes.
     """
+    if config.keep_best and val_points is None:
+        raise ConfigError("keep_best selects the weights by validation: give val_points")
     ranks = distributed.context()
     ref = next(iter(model.parameters()))
     data_gen = data_generator(config.seed)
@@ -493,6 +507,8 @@ def train(
     )
     ema = WeightAverage(model, config.ema) if config.ema > 0 else None
     step, seconds, lr_scale, restores = 0, 0.0, 1.0, []
+    best: dict[str, Any] | None = None  # keep_best: the validation record of best_state
+    best_state: dict[str, torch.Tensor] | None = None
     last_path: Path | None = None
     run_dir = Path(run_dir) if run_dir is not None else None
     writer = run_dir if ranks.is_main else None  # the folder this process writes to
@@ -504,6 +520,9 @@ def train(
         _apply_payload(tensors, meta, str(last_path), model, optimizer, data_gen, ema)
         step, seconds = int(meta["step"]), float(meta["seconds"])
         lr_scale, restores = float(meta.get("lr_scale", 1.0)), list(meta.get("restores", []))
+        best = meta.get("best") if config.keep_best else None
+        if best is not None:
+            best_state = _read_best(run_dir, best)
     # The first batch is checked before anything is written, initializes data-dependent
     # layers (ActNorm: from the whole global batch, so every rank gets the same weights), and
     # is then drawn again.
@@ -530,7 +549,8 @@ def train(
 
         devices = [ref.device.index] if ref.device.type == "cuda" else None
         objective = DistributedDataParallel(distributed.Objective(model), device_ids=devices)
-    last_good = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores)
+    last_good = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores,
+                         best)
     if writer is not None and not resume:
         # A checkpoint at step 0: a run killed before its first interval resumes from its
         # exact start (with any weights it was initialized from).
@@ -614,7 +634,7 @@ def train(
                             f"learning rate (scale {lr_scale:g}; restore {len(restores)} of at "
                             f"most {config.max_restores})", stacklevel=2)
                     last_good = _payload(model, optimizer, data_gen, ema, step, seconds,
-                                         lr_scale, restores)
+                                         lr_scale, restores, best)
                     if writer is not None:
                         log_file.close()
                         with _writing(ckpt.LOG, writer, last_path):
@@ -646,6 +666,16 @@ def train(
                     val_marks = [m for m in val_marks if m > now]
                     with _averaged(ema, model):
                         record["val_nll"] = validation_nll(model, val_points.to(ref))
+                        if config.keep_best and math.isfinite(record["val_nll"]) and (
+                                best is None or record["val_nll"] < best["val_nll"]):
+                            best = {"step": step, "seconds": round(seconds, 3),
+                                    "val_nll": record["val_nll"]}
+                            best_state = {k: v.detach().clone()
+                                          for k, v in model.state_dict().items()}
+                            if writer is not None:
+                                with _writing("the best model", writer, last_path):
+                                    ckpt.save_model(writer / ckpt.BEST, model)
+                            record["best"] = True
                 while snapshot_marks and seconds >= snapshot_marks[0]:
                     with _averaged(ema, model), _writing("a snapshot", writer, last_path):
                         save_snapshot(writer, model, snapshot_marks.pop(0), seconds, step)
@@ -667,7 +697,7 @@ def train(
                            and step - last_checkpoint[0] >= config.checkpoint_every_steps))
                 if due:
                     last_good = _payload(model, optimizer, data_gen, ema, step, seconds,
-                                         lr_scale, restores)
+                                         lr_scale, restores, best)
                     last_checkpoint = (step, seconds)
                     if writer is not None:
                         with _writing("a checkpoint", writer, last_path):
@@ -685,20 +715,40 @@ def train(
         _apply_payload(tensors, meta, "the last good state", model, optimizer, data_gen, ema)
         step, seconds = int(meta["step"]), float(meta["seconds"])
     if run_dir is not None:
-        payload = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores)
+        payload = _payload(model, optimizer, data_gen, ema, step, seconds, lr_scale, restores,
+                           best)
         if writer is not None:
             with _writing("the final checkpoint", writer, last_path):
                 last_path = save_checkpoint(writer, *payload, config.keep_checkpoints)
-                with _averaged(ema, model):
-                    ckpt.save_model(writer / ckpt.WEIGHTS, model)
+                if best is not None:
+                    ckpt.atomic_write_bytes(writer / ckpt.WEIGHTS,
+                                            (writer / ckpt.BEST).read_bytes())
+                else:
+                    with _averaged(ema, model):
+                        ckpt.save_model(writer / ckpt.WEIGHTS, model)
             if stopped_by != "budget":
                 print(f"\nstopped by {stopped_by} at step {step}; checkpoint written to "
                       f"{last_path}; resume with `flowlab train --resume {run_dir}`", flush=True)
     if ema is not None:
         ema.copy_to(model)  # the trained model is the average (the checkpoint keeps both)
+    if best_state is not None:
+        model.load_state_dict(best_state)  # the selected model (the checkpoint keeps the last)
     if objective is not None:
         # Free DDP's reducer now, while the process group is alive: collected later (it sits
         # in reference cycles), its gloo work can outlive the group and abort the process.
         del objective, loss_and_backward
         gc.collect()
-    return TrainResult(step, seconds, metrics, stopped_by, restores)
+    return TrainResult(step, seconds, metrics, stopped_by, restores, best)
+
+
+def _read_best(run_dir: Path, best: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The weights of ``best.safetensors`` when resuming a keep_best run (None on a rank
+    that cannot see the run folder: only rank 0 writes, and its model is the one saved)."""
+    path = Path(run_dir) / ckpt.BEST
+    if not path.is_file():
+        if distributed.context().is_main:
+            raise RunDirError(f"{path} is missing, but the checkpoint records a best model "
+                              f"(step {best.get('step')}); restore the file or train again")
+        return None
+    tensors, _ = ckpt.load_tensors(path)
+    return {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
