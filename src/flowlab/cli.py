@@ -114,8 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images: margin of the logit transform logit(alpha + (1-2 alpha) x)")
     tr.add_argument("--no-logit", action="store_true",
                     help="images: model the dequantized pixels on [0, 1) directly")
+    tr.add_argument("--dequantization", choices=("uniform", "variational"), default="uniform",
+                    help="images: uniform noise in each pixel's cell, or a learned noise "
+                         "distribution q(u|x) (a small conditional flow, Flow++) trained with "
+                         "the model on the variational bound; bits/dim stay an upper bound, a "
+                         "tighter one")
     tr.add_argument("--model", default="ffjord",
-                    help="ffjord (CNF, maximum likelihood), cfm (CNF, flow matching), or a "
+                    help="ffjord (CNF, maximum likelihood), ffjord-multiscale (FFJORD's "
+                         "multiscale CNF for images), cfm (CNF, flow matching), or a "
                          "discrete flow: planar, radial, nice, realnvp, glow, maf, iaf, "
                          "nsf-coupling, nsf-ar")
     tr.add_argument("--out", type=Path, default=None,
@@ -156,27 +162,42 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--ema", type=_number(float, 0.0, inclusive=True), default=0.0,
                      help="decay of an exponential moving average of the weights, e.g. 0.999 "
                           "(0: off); the saved model holds the averaged weights")
+    opt.add_argument("--val-every", type=_number(int, 0, inclusive=True), default=10,
+                     metavar="N", help="validate N times over the budget (0: never)")
+    opt.add_argument("--keep-best", action="store_true",
+                     help="keep the weights with the lowest validation NLL (model selection on "
+                          "the validation split, e.g. against overfitting a small image set); "
+                          "saved as the run's model instead of the last weights")
     opt.add_argument("--snapshot-at", type=_seconds_list, default=[], metavar="S1,S2,...",
                      help="training times (s) at which to save weights to RUN/snapshots/")
     opt.add_argument("--init", type=Path, default=None, metavar="RUN_DIR",
                      help="start from the weights of a trained run (its architecture is used): "
                           "e.g. fine-tune a cfm model by maximum likelihood with --model ffjord")
     opt.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cnf = tr.add_argument_group("CNF model (ffjord)")
+    cnf = tr.add_argument_group("CNF model (ffjord, ffjord-multiscale)")
     cnf.add_argument("--hidden", type=_int_list, default=None,
                      help="hidden widths of the vector field, e.g. 64,64,64 (default: "
                           "64,64,64 for ffjord; 256 x 5 for cfm, whose training steps are cheap "
                           "and which needs the depth for sharp densities, measured on rings)")
-    cnf.add_argument("--field", choices=("mlp", "conv", "unet"), default=None,
-                     help="vector field: mlp (2-D data and flattened images), conv (FFJORD's "
-                          "convolutional field) or unet (flow matching); default: mlp, and on "
-                          "images conv for ffjord, unet for cfm")
+    cnf.add_argument("--field", choices=("mlp", "fourier", "conv", "unet"), default=None,
+                     help="vector field: mlp (2-D data and flattened images), fourier (an MLP "
+                          "on Fourier features of the state and time: sharp densities in far "
+                          "fewer steps), conv (FFJORD's convolutional field) or unet (flow "
+                          "matching); default: mlp, and on images conv for ffjord, unet for cfm")
+    cnf.add_argument("--fourier-features", type=_positive_int, default=64,
+                     help="fourier field: number of random frequencies")
+    cnf.add_argument("--fourier-scale", type=_positive_float, default=3.0,
+                     help="fourier field: standard deviation of the frequencies (data units)")
     cnf.add_argument("--layer", choices=sorted(LAYERS), default="concatsquash",
                      help="how time enters each layer")
     cnf.add_argument("--activation", choices=sorted(ACTIVATIONS), default="tanh")
     cnf.add_argument("--num-blocks", type=_positive_int, default=None,
-                     help="stacked CNF blocks (default 1), or layers/steps of a discrete flow "
-                          "(default: the family's)")
+                     help="stacked CNF blocks (default 1); for ffjord-multiscale the blocks "
+                          "per scale, before and again after each squeeze (default 2); or "
+                          "layers/steps of a discrete flow (default: the family's)")
+    cnf.add_argument("--scales", type=_positive_int, default=None,
+                     help="ffjord-multiscale: number of scales (default 2); image sides must "
+                          "be divisible by 2^(scales-1)")
     cnf.add_argument("--T", type=_positive_float, default=0.5, help="initial integration time")
     cnf.add_argument("--fixed-T", action="store_true", help="do not learn T")
     cnf.add_argument("--divergence", choices=("exact", "hutchinson"), default=None,
@@ -233,7 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="number of test points (2-D data: 20000 fresh points) or a random "
                          "subset of test images (default: the whole test set)")
     ev.add_argument("--batch-size", type=_positive_int, default=10000)
-    ev.add_argument("--divergence", choices=("exact", "hutchinson"), default="exact")
+    ev.add_argument("--divergence", choices=("exact", "hutchinson"), default=None,
+                    help="CNFs: the divergence of the evaluation solve (default: the model's "
+                         "eval_divergence: exact, except ffjord-multiscale: hutchinson)")
+    ev.add_argument("--probes", type=_positive_int, default=None, metavar="K",
+                    help="image runs: score each test image K times with independent draws "
+                         "(Hutchinson probes; the noise of variational dequantization) and "
+                         "average, reporting the estimator's standard error too (K >= 2). "
+                         "Default: 1 for a deterministic score (exact divergence, uniform "
+                         "dequantization), 4 for a stochastic one")
     _add_solver_args(ev)
     ev.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                     help="precision of the evaluation")
@@ -259,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--resolution", type=_positive_int, default=200,
                     help="grid points per axis of the heat maps")
     pl.add_argument("--gif", action=argparse.BooleanOptionalAction, default=True,
-                    help="write the flow animation")
+                    help="write the flow animation (CNFs; on images: test images carried to "
+                         "noise and back, with the vector field)")
     pl.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -319,24 +349,33 @@ def _model_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str
 
     if args.model in FAMILIES:
         return _flow_options(args, shape)
+    if args.scales is not None and args.model != "ffjord-multiscale":
+        raise ConfigError("--scales applies to ffjord-multiscale")
 
     if args.seminorm and not args.adjoint:
         raise ConfigError("--seminorm only applies with --adjoint")
     solver = _solver_from_args(args, SolverConfig(
         gradient="adjoint" if args.adjoint else "backprop", seminorm=args.seminorm
     ))
+    if args.model == "ffjord-multiscale":
+        return _multiscale_options(args, shape, solver)
     field = _cnf_field(args, shape)
     images = len(shape) == 3
-    hidden = args.hidden or (IMAGE_HIDDEN[field] if images
-                             else CFM_HIDDEN if args.model == "cfm" else FFJORD_HIDDEN)
+    hidden = args.hidden or (IMAGE_HIDDEN[field] if images else FOURIER_HIDDEN
+                             if field == "fourier" else CFM_HIDDEN if args.model == "cfm"
+                             else FFJORD_HIDDEN)
     divergence = args.divergence or ("hutchinson" if images else "exact")
     options = {
         "dim": None if images else shape[0], "hidden": hidden, "layer": args.layer,
         "activation": args.activation,
         "num_blocks": args.num_blocks or 1, "T": args.T, "train_T": not args.fixed_T,
         "divergence": divergence, "probe": args.probe, "solver": solver.to_dict(),
-        "kinetic": args.kinetic, "jacobian": args.jacobian,
+        "kinetic": args.kinetic, "jacobian": args.jacobian, "field": field,
+        # (used by the fourier field only; always given so that --init can carry them)
+        "fourier_features": args.fourier_features, "fourier_scale": args.fourier_scale,
     }
+    if field == "fourier" and args.activation == "tanh":
+        options["activation"] = "swish"  # the default for this field
     if images:
         options.update(image_shape=list(shape), field=field)
         if args.activation == "tanh" and field == "conv":
@@ -349,7 +388,28 @@ def _model_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str
     return options
 
 
-ARCHITECTURE = ("dim", "hidden", "layer", "activation", "num_blocks", "T")
+def _multiscale_options(args: argparse.Namespace, shape: tuple[int, ...],
+                        solver) -> dict[str, Any]:
+    """Options of FFJORD's multiscale CNF (images only, its convolutional field)."""
+    if len(shape) != 3:
+        raise ConfigError("ffjord-multiscale models images: use --data digits, mnist, "
+                          "fashion-mnist or cifar10, or --model ffjord for 2-D data")
+    if args.field not in (None, "conv"):
+        raise ConfigError("ffjord-multiscale uses FFJORD's convolutional field; drop --field")
+    return {
+        "image_shape": list(shape), "scales": args.scales or 2,
+        "blocks_per_scale": args.num_blocks or 2, "hidden": args.hidden or IMAGE_HIDDEN["conv"],
+        "strides": None, "layer": args.layer,
+        # FFJORD's choice for images, unless another activation than the default is asked for
+        "activation": "softplus" if args.activation == "tanh" else args.activation,
+        "T": args.T, "train_T": not args.fixed_T,
+        "divergence": args.divergence or "hutchinson", "probe": args.probe,
+        "solver": solver.to_dict(), "kinetic": args.kinetic, "jacobian": args.jacobian,
+    }
+
+
+ARCHITECTURE = ("dim", "hidden", "layer", "activation", "num_blocks", "T", "scales",
+                "blocks_per_scale", "strides", "field", "fourier_features", "fourier_scale")
 
 
 def _init_weights(run: Path, options: dict[str, Any], dataset: str) -> dict:
@@ -361,7 +421,7 @@ def _init_weights(run: Path, options: dict[str, Any], dataset: str) -> dict:
         raise ConfigError(f"--init {run} was trained on {config['dataset']!r}, not {dataset!r}")
     source = config["model_options"]
     for key in ARCHITECTURE:
-        if key in source:
+        if key in source and key in options:  # (the target model's own options only)
             options[key] = source[key]
     tensors, _ = load_tensors(run / WEIGHTS)
     print(f"starting from the weights of {run} ({config['model']}: hidden {source.get('hidden')}, "
@@ -436,14 +496,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 IMAGE_HIDDEN = {"conv": [64, 64, 64], "unet": [32, 64]}
+FOURIER_HIDDEN = [256] * 4
 
 
 def _cnf_field(args: argparse.Namespace, shape: tuple[int, ...]) -> str:
-    """The vector field of a CNF: mlp on vectors; conv (ffjord) or unet (cfm) on images."""
+    """The vector field of a CNF: mlp (or fourier) on vectors; conv (ffjord) or unet (cfm) on
+    images."""
     if len(shape) == 1:
-        if args.field not in (None, "mlp"):
-            raise ConfigError(f"--field {args.field} is for images; 2-D data takes mlp")
-        return "mlp"
+        if args.field not in (None, "mlp", "fourier"):
+            raise ConfigError(f"--field {args.field} is for images; vectors take mlp or fourier")
+        return args.field or "mlp"
+    if args.field == "fourier":
+        raise ConfigError("--field fourier is for vectors (and flattened images)")
     return args.field or ("unet" if args.model == "cfm" else "conv")
 
 
@@ -461,9 +525,12 @@ def _open_data(args: argparse.Namespace):
             raise ConfigError(f"--data {args.data} is read from its standard files: give the "
                               "folder holding them with --data-dir (nothing is downloaded)")
         folder = None if args.data_dir is None else str(args.data_dir)
-        cnf_on_pixels = args.model in ("ffjord", "cfm") and args.field != "mlp"
+        cnf_on_pixels = args.model in ("ffjord", "cfm") and args.field not in ("mlp", "fourier")
         layout = "image" if cnf_on_pixels else default_layout(args.model)
-        return ImageTask(args.data, folder, alpha, layout)
+        return ImageTask(args.data, folder, alpha, layout, dequantization=args.dequantization)
+    if args.dequantization != "uniform":
+        raise ConfigError(f"--dequantization is for image data sets; {args.data!r} is "
+                          "continuous, drop it")
     if args.data_dir is not None:
         raise ConfigError(f"--data-dir is for image data sets; {args.data!r} is generated, "
                           "drop --data-dir")
@@ -549,7 +616,8 @@ def _train(args: argparse.Namespace, ranks) -> int:
             checkpoint_every_steps=args.checkpoint_every_steps,
             keep_checkpoints=args.keep_checkpoints, on_nonfinite=args.on_nonfinite,
             max_restores=args.max_restores,
-            snapshot_at=tuple(args.snapshot_at),
+            snapshot_at=tuple(args.snapshot_at), keep_best=args.keep_best,
+            val_every=args.val_every,
         )
         torch.manual_seed(args.seed)
         shape = dataset.event_shape if _is_images(dataset) else (dataset.dim,)
@@ -564,6 +632,10 @@ def _train(args: argparse.Namespace, ranks) -> int:
         model = build_model(args.model, **options)
         if init is not None:
             _load_init(model, init, source)
+        if _is_images(dataset) and dataset.dequantization == "variational":
+            from flowlab.models import VariationalDequantization
+
+            model = VariationalDequantization(model, levels=dataset.levels, alpha=dataset.alpha)
         run_dir = args.out or Path("runs") / f"{dataset.name}-{model.name}"
         if run_dir.exists() and any(run_dir.iterdir()) and not args.force:
             raise RunDirError(
@@ -624,6 +696,9 @@ def _train(args: argparse.Namespace, ranks) -> int:
                  else f"last batch loss {last.get('loss', float('nan')):.4f}")
     say(f"done: {result.steps} steps in {result.seconds:.1f} s of training; {objective}, "
         f"NFE {last.get('nfe_forward', 0):.0f}")
+    if result.best is not None:
+        say(f"model: the best validation weights, step {result.best['step']} at "
+            f"{result.best['seconds']:.0f} s (validation NLL {result.best['val_nll']:.4f} nats)")
     say(f"next: flowlab eval {run_dir}  and  flowlab plot {run_dir}")
     return 0
 
@@ -657,6 +732,8 @@ def _eval(args: argparse.Namespace, ranks) -> int:
     solver = _ode_solver(args, model)
     if _is_images(dataset):
         return _eval_images(args, ranks, model, config, dataset, solver, dtype)
+    if args.probes is not None:
+        raise ConfigError("--probes applies to image runs (bits/dim); drop it for 2-D data")
     points = heldout_points(dataset, args.n_test or 20000).to(dtype)
     result = evaluate_nll(
         model, points, batch_size=args.batch_size, solver=solver, divergence=args.divergence,
@@ -701,25 +778,48 @@ def _print_rows(rows: list[tuple[str, str]]) -> None:
 
 def _eval_images(args, ranks, model, config, task, solver, dtype) -> int:
     """Test bits/dim of an image run, over the whole test split unless --n-test."""
-    from flowlab.eval import evaluate_bits_per_dim
+    from flowlab.eval import evaluate_bits_per_dim, score_is_stochastic
+    from flowlab.eval.bpd import STOCHASTIC_DEFAULT_PROBES
 
     if ranks.active:
         raise ConfigError("flowlab eval of image runs runs in one process; drop torchrun")
+    stochastic = score_is_stochastic(model, task, args.divergence, solver)
+    probes = args.probes or (STOCHASTIC_DEFAULT_PROBES if stochastic else 1)
     test = task.test_split()
     result = evaluate_bits_per_dim(model, task, test, n_test=args.n_test,
                                    batch_size=min(args.batch_size, 1000), solver=solver,
-                                   divergence=args.divergence, dtype=dtype)
+                                   divergence=args.divergence, probes=probes, dtype=dtype)
     report = {"dataset": task.name, "model": config["model"], **result.to_dict(),
               "dtype": args.dtype, "run": str(args.run), "preprocess": repr(task.preprocess)}
     _write_json(args.run / "eval.json", report)
     subset = ("the whole test set" if result.n_test == result.n_total
               else f"a random subset of {result.n_test} of {result.n_total}")
+    bound = ("variational dequantization: the variational bound, an upper bound on the "
+             "discrete data's bits/dim that a trained q(u|x) makes tighter than uniform "
+             "dequantization's" if result.dequantization == "variational"
+             else "uniform dequantization: an upper bound on the discrete data's bits/dim")
+    if not stochastic:
+        noise = "0 (a deterministic score)"
+    elif result.estimator_se is None:
+        noise = "- (needs --probes 2 or more)"
+    else:
+        shown = (f"{result.estimator_se:.4f}" if result.estimator_se >= 5e-4
+                 else f"{result.estimator_se:.2e}")
+        noise = f"{shown} bits/dim (± 1 s.e. of the mean due to the draws alone)"
+    draws = ("Hutchinson probes" if result.estimator == "hutchinson" else "")
+    if result.dequantization == "variational":
+        draws = " and ".join(d for d in (draws, "dequantization noise u ~ q(u|x)") if d)
+    name = config["model"]
+    if result.dequantization == "variational":
+        name = f"{config['model_options']['inner']} ({name})"
     rows = [
-        ("dataset", task.name), ("model", config["model"]),
+        ("dataset", task.name), ("model", name),
         ("test bits/dim", f"{result.bits_per_dim:.4f} ± {result.bpd_se:.4f} (± 1 s.e. over "
-                          "images; uniform dequantization: an upper bound on the discrete "
-                          "data's bits/dim)"),
+                          f"images; {bound})"),
         ("test images", f"{result.n_test} ({subset})"),
+        ("probes", f"{result.probes} per image" + (f" (independent {draws}, averaged)"
+                                                   if stochastic else "")),
+        ("estimator s.e.", noise),
     ]
     _print_rows(rows + _solve_rows(result, args.dtype))
     print(f"wrote {args.run / 'eval.json'}")
@@ -822,15 +922,19 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _plot_images(args, model, config, task) -> int:
-    """Sampled images next to validation images, and the training curves."""
+    """Sampled images next to validation images, the training curves, interpolations between
+    test images in the base space, and for a CNF the GIF of test images carried to noise and
+    integrated back, with the vector field."""
     import torch
 
     from flowlab import viz
     from flowlab.train.checkpoint import LOG
 
+    # A CNF: a looser solve than eval's is plenty for a picture.
+    solver = (model.eval_solver.replace(atol=1e-5, rtol=1e-5)
+              if hasattr(model, "eval_solver") else None)
     with torch.no_grad():
-        if hasattr(model, "eval_solver"):  # a CNF: a looser solve is plenty for a picture
-            solver = model.eval_solver.replace(atol=1e-5, rtol=1e-5)
+        if solver is not None:
             samples = model.to_data(model.base_sample((64,)), solver=solver)
         else:
             samples = model.sample((64,))
@@ -841,6 +945,31 @@ def _plot_images(args, model, config, task) -> int:
     if log_path.is_file():
         records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
         written.append(viz.plot_training_curves(records, args.run / "training.png"))
+
+    test = task.test_split()
+    first, second = viz.choose_pairs(test.labels, 8, args.seed)
+    print(f"interpolations: {len(first)} pairs of test images (different labels), slerp in "
+          "the base space, 10 steps ...", flush=True)
+    start = time.perf_counter()
+    written.append(viz.interpolate_images(
+        model, task, test.images[first], test.images[second], 10,
+        args.run / "interpolations.png", solver=solver, seed=args.seed).path)
+    print(f"interpolations: done in {time.perf_counter() - start:.1f} s", flush=True)
+    if args.gif and viz.has_vector_field(model):
+        chosen = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
+        pixels = test.images[chosen[:16]]
+        blocks = len(getattr(model, "blocks", ())) or 1
+        start = time.perf_counter()
+        result = viz.animate_images(
+            model, task, pixels, args.run / "flow.gif", max(2, 24 // blocks), solver=solver,
+            seed=args.seed, progress=lambda line: print(line + " ...", flush=True))
+        print(f"flow GIF: {result.num_frames} frames in {time.perf_counter() - start:.1f} s; "
+              f"round trip data -> noise -> data of {pixels.shape[0]} test images: max "
+              f"|x - x'| = {result.max_error:.2g} (model space), {result.pixels_changed} of "
+              f"{pixels.numel()} pixel values changed")
+        written.append(result.path)
+    elif args.gif:
+        print(f"no flow.gif: it shows a CNF's vector field, and {model.name} has none")
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -8,6 +8,12 @@ the logit transform unless ``alpha`` is None); the model sees the result either 
 (``layout="flat"``: every other model). The validation images are carved out of the training
 split (a fixed choice, see :func:`~flowlab.data.images.split_validation`); the test split is
 read only by evaluation.
+
+With ``dequantization="variational"`` the dequantization noise is the model's own (a learned
+``q(u|x)``, :class:`~flowlab.models.dequantization.VariationalDequantization`, which also does
+the scaling and the logit): the task then hands the model the raw pixel values as floats, of
+the same layout, with a log-Jacobian of 0, and reads the model's samples as dequantized pixels
+in pixel units.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from flowlab.data.preprocess import Preprocess
 from flowlab.errors import ConfigError
 
 LAYOUTS = ("flat", "image")
-IMAGE_LAYOUT_MODELS = ("realnvp", "glow")  # the families with multiscale image versions
+DEQUANTIZATIONS = ("uniform", "variational")
+IMAGE_LAYOUT_MODELS = ("realnvp", "glow", "ffjord-multiscale")  # multiscale image models
 VALIDATION_SEED = 0
 VALIDATION_NOISE_SEED = 30_000  # dequantization noise of the fixed validation points
 
@@ -44,6 +51,8 @@ class ImageTask:
         alpha: the logit transform's margin (None: the model works on ``[0, 1)^D``).
         layout: ``"image"`` or ``"flat"`` (see the module docstring).
         val_count: training images set aside for validation (default: 10%, at most 5,000).
+        dequantization: ``uniform`` (noise drawn here) or ``variational`` (the model's own; the
+            task hands raw pixels, see the module docstring).
     """
 
     name: str
@@ -51,6 +60,7 @@ class ImageTask:
     alpha: float | None = 0.05
     layout: str = "flat"
     val_count: int | None = None
+    dequantization: str = "uniform"
     train: ImageData = field(init=False, repr=False)
     valid: ImageData = field(init=False, repr=False)
 
@@ -60,6 +70,9 @@ class ImageTask:
                               f"{', '.join(IMAGE_DATASETS)}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"unknown layout {self.layout!r}; choose one of {LAYOUTS}")
+        if self.dequantization not in DEQUANTIZATIONS:
+            raise ConfigError(f"unknown dequantization {self.dequantization!r}; choose one of "
+                              f"{DEQUANTIZATIONS}")
         full = image_dataset(self.name, self.folder, "train")
         if self.val_count is None:
             self.val_count = min(5000, max(1, round(0.1 * len(full))))
@@ -90,16 +103,26 @@ class ImageTask:
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer pixels ``(N, C, H, W)`` -> ``(y, ldj)``: model-space points of
         :attr:`event_shape` and the log-Jacobian of the preprocessing (see
-        :mod:`flowlab.data.preprocess`)."""
+        :mod:`flowlab.data.preprocess`). Under variational dequantization: the pixel values
+        themselves (``dtype``), and ``ldj = 0``; ``generator`` is not used."""
+        if self.dequantization == "variational":
+            ldj = torch.zeros(pixels.shape[0], dtype=dtype, device=pixels.device)
+            return pixels.to(dtype).reshape(pixels.shape[0], *self.event_shape), ldj
         y, ldj = self.preprocess(pixels, generator, dtype=dtype)
         return y.reshape(pixels.shape[0], *self.event_shape), ldj
 
     def to_pixels(self, y: torch.Tensor) -> torch.Tensor:
-        """Model-space points (e.g. samples) -> ``(N, C, H, W)`` integer pixels."""
-        return self.preprocess.to_pixels(y.reshape(y.shape[0], *self.image_shape))
+        """Model-space points (e.g. samples) -> ``(N, C, H, W)`` integer pixels (under
+        variational dequantization the model's samples are in pixel units: their cells)."""
+        y = y.reshape(y.shape[0], *self.image_shape)
+        if self.dequantization == "variational":
+            pixels = torch.floor(y).clamp(0, self.levels - 1)
+            return pixels.to(torch.uint8 if self.levels <= 256 else torch.int64)
+        return self.preprocess.to_pixels(y)
 
     def sampler(self) -> Callable[[int, torch.Generator], torch.Tensor]:
-        """Training batches: images drawn with replacement, freshly dequantized."""
+        """Training batches: images drawn with replacement, freshly dequantized (raw pixels
+        under variational dequantization)."""
 
         def sample(n: int, generator: torch.Generator) -> torch.Tensor:
             return self.to_model(self.train.sample(n, generator), generator)[0]
@@ -107,7 +130,8 @@ class ImageTask:
         return sample
 
     def validation_points(self, n: int | None = None) -> torch.Tensor:
-        """The first ``n`` validation images (all by default) with fixed dequantization noise."""
+        """The first ``n`` validation images (all by default) with fixed dequantization noise
+        (raw pixels under variational dequantization)."""
         images = self.valid.images if n is None else self.valid.images[:n]
         generator = torch.Generator().manual_seed(VALIDATION_NOISE_SEED)
         return self.to_model(images, generator)[0]
@@ -117,18 +141,22 @@ class ImageTask:
 
     # -- run folders -------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "folder": self.folder, "alpha": self.alpha,
-                "layout": self.layout, "val_count": self.val_count}
+        config = {"name": self.name, "folder": self.folder, "alpha": self.alpha,
+                  "layout": self.layout, "val_count": self.val_count}
+        if self.dequantization != "uniform":  # (stored only when used: older configs stay equal)
+            config["dequantization"] = self.dequantization
+        return config
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ImageTask:
         folder = config.get("folder")
         return cls(config["name"], None if folder is None else str(Path(folder)),
-                   config.get("alpha"), config.get("layout", "flat"), config.get("val_count"))
+                   config.get("alpha"), config.get("layout", "flat"), config.get("val_count"),
+                   config.get("dequantization", "uniform"))
 
     def describe(self) -> str:
         c, h, w = self.image_shape
         return (f"{self.name} ({len(self.train):,} training and {len(self.valid):,} validation "
                 f"images of {c}x{h}x{w}, {self.levels} levels, "
                 f"{'no logit' if self.alpha is None else f'logit alpha {self.alpha:g}'}, "
-                f"{self.layout} layout)")
+                f"{self.dequantization} dequantization, {self.layout} layout)")

@@ -3,33 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from flowlab.cnf import CNF, ConvVectorField, MLPVectorField, sample_probe
-from flowlab.cnf.divergence import PROBES
-from flowlab.cnf.dynamics import DIVERGENCES
+from flowlab.cnf import CNF, ConvVectorField, FourierVectorField, MLPVectorField
 from flowlab.errors import ConfigError
-from flowlab.models.base import DensityModel, LossOutput, register_model, standard_normal_log_prob
+from flowlab.models.base import register_model
+from flowlab.models.cnf_density import CNFDensity, FlowResult
 from flowlab.nets import UNetVectorField
-from flowlab.ode import SolverConfig, SolveStats
-
-
-@dataclass
-class FlowResult:
-    """Points pushed through the whole stack, with the summed log|det J| and solve stats."""
-
-    z: torch.Tensor
-    log_det: torch.Tensor
-    regularizers: dict[str, torch.Tensor]
-    stats: list[SolveStats]
+from flowlab.ode import SolverConfig
 
 
 @register_model("ffjord")
-class FFJORD(DensityModel):
+class FFJORD(CNFDensity):
     """Continuous normalizing flow density ``log p(x) = log N(z(T)) + int_0^T tr(df/dz) dt``.
 
     Data -> noise is the forward direction (blocks in order, each from t=0 to its T); sampling
@@ -43,8 +30,12 @@ class FFJORD(DensityModel):
         layer: time conditioning (``concat``, ``concatsquash``, ``ignore``).
         activation: ``tanh``, ``softplus``, ``swish``, ``elu``.
         image_shape: ``(C, H, W)`` for images.
-        field: ``mlp`` (vectors), ``conv`` (FFJORD's concatsquash convolutions) or ``unet``
-            (a time-embedded U-Net, for flow matching) on images.
+        field: on vectors ``mlp`` or ``fourier`` (an MLP on Fourier features of the state and
+            time, :class:`~flowlab.cnf.nets.FourierVectorField`: ``layer`` is then unused); on
+            images ``conv`` (FFJORD's concatsquash convolutions) or ``unet`` (a time-embedded
+            U-Net, for flow matching).
+        fourier_features, fourier_scale: the ``fourier`` field's number and scale of random
+            frequencies.
         num_blocks: number of stacked CNF blocks.
         T: initial integration time of each block; ``train_T`` learns it.
         divergence: used in training: ``exact`` or ``hutchinson``.
@@ -73,50 +64,41 @@ class FFJORD(DensityModel):
         jacobian: float = 0.0,
         image_shape: Sequence[int] | None = None,
         field: str = "mlp",
+        fourier_features: int = 64,
+        fourier_scale: float = 3.0,
     ):
         if (dim is None) == (image_shape is None):
             raise ConfigError("give dim (vectors) or image_shape (C, H, W), not both or neither")
         shape = (int(dim),) if image_shape is None else tuple(int(s) for s in image_shape)
-        if field not in FIELDS or (field == "mlp") != (len(shape) == 1):
-            raise ConfigError(f"field {field!r} does not fit shape {shape}: use mlp for vectors, "
-                              "conv or unet for (C, H, W) images")
-        super().__init__(shape)
+        if field not in FIELDS or (field in VECTOR_FIELDS) != (len(shape) == 1):
+            raise ConfigError(f"field {field!r} does not fit shape {shape}: use mlp or fourier "
+                              "for vectors, conv or unet for (C, H, W) images")
         if num_blocks < 1:
             raise ConfigError(f"num_blocks must be at least 1, got {num_blocks}")
-        for name, value, allowed in (
-            ("divergence", divergence, DIVERGENCES),
-            ("eval_divergence", eval_divergence, DIVERGENCES),
-            ("probe", probe, PROBES),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
-        if kinetic < 0 or jacobian < 0:
-            raise ConfigError(
-                f"regularizer weights must be >= 0, got kinetic={kinetic}, jacobian={jacobian}"
-            )
-        self.options = {
+        super().__init__(
+            shape, divergence=divergence, eval_divergence=eval_divergence, probe=probe,
+            solver=solver, eval_solver=eval_solver,
+            default_eval_solver=SolverConfig(atol=1e-6, rtol=1e-6),
+            kinetic=kinetic, jacobian=jacobian,
+        )
+        self.options.update({
             "dim": dim, "hidden": [int(h) for h in hidden], "layer": layer,
             "activation": activation, "num_blocks": num_blocks, "T": T, "train_T": train_T,
-            "divergence": divergence, "probe": probe, "eval_divergence": eval_divergence,
-            "kinetic": kinetic, "jacobian": jacobian,
-        }
-        self.solver = _as_solver(solver, SolverConfig())
-        self.eval_solver = _as_solver(eval_solver, SolverConfig(atol=1e-6, rtol=1e-6))
-        if image_shape is not None:  # (stored only when used: older configs stay equal)
+        })
+        # (stored only when used: older configs stay equal)
+        if image_shape is not None:
             self.options.update(image_shape=list(shape), field=field)
+        fourier = {}
+        if field == "fourier":
+            fourier = {"features": int(fourier_features), "scale": float(fourier_scale)}
+            self.options.update(field=field, fourier_features=fourier["features"],
+                                fourier_scale=fourier["scale"])
         self.blocks = nn.ModuleList(
-            CNF(_make_field(field, shape, hidden, layer, activation), T, train_T, divergence)
+            CNF(_make_field(field, shape, hidden, layer, activation, **fourier), T, train_T,
+                divergence)
             for _ in range(num_blocks)
         )
 
-    def config(self) -> dict[str, Any]:
-        return {
-            **self.options,
-            "solver": self.solver.to_dict(),
-            "eval_solver": self.eval_solver.to_dict(),
-        }
-
-    # -- the maps ---------------------------------------------------------------------------
     def _run(
         self,
         x: torch.Tensor,
@@ -125,88 +107,13 @@ class FFJORD(DensityModel):
         divergence: str | None,
         regularize: bool = False,
         generator: torch.Generator | None = None,
+        density: bool = True,
     ) -> FlowResult:
-        solver = solver or (self.solver if self.training else self.eval_solver)
-        divergence = divergence or (
-            self.options["divergence"] if self.training else self.options["eval_divergence"]
-        )
-        kinetic = regularize and self.options["kinetic"] > 0
-        jacobian = regularize and self.options["jacobian"] > 0
-        log_det = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        regs: dict[str, torch.Tensor] = {}
-        stats = []
-        blocks = reversed(self.blocks) if reverse else self.blocks
+        run = self._begin(x, solver, divergence, regularize, generator, density)
         z = x
-        for block in blocks:
-            # One probe per block solve, drawn here by the caller and fixed for the solve.
-            probe = (sample_probe(z, self.options["probe"], generator)
-                     if divergence == "hutchinson" else None)
-            out = block(
-                z, reverse=reverse, solver=solver, probe=probe, divergence=divergence,
-                kinetic=kinetic, jacobian=jacobian,
-            )
-            z, log_det = out.z, log_det + out.log_det
-            for name, value in out.regularizers.items():
-                regs[name] = regs.get(name, 0) + value
-            stats.append(out.stats)
-        return FlowResult(z, log_det, regs, stats)
-
-    def to_noise(self, x: torch.Tensor, **kwargs) -> FlowResult:
-        """Data -> noise: ``z`` and ``log|det dz/dx|`` (keyword options as in ``log_prob``)."""
-        return self._run(self.check_input(x), reverse=False, **_run_options(kwargs))
-
-    def to_data(self, z: torch.Tensor, *, solver: SolverConfig | None = None) -> torch.Tensor:
-        """Noise -> data (no divergence needed, so it is skipped)."""
-        return self.to_data_with_stats(z, solver=solver)[0]
-
-    def to_data_with_stats(
-        self, z: torch.Tensor, *, solver: SolverConfig | None = None
-    ) -> tuple[torch.Tensor, list[SolveStats]]:
-        """``to_data`` and the :class:`SolveStats` of each block's solve, in solve order."""
-        solver = solver or (self.solver if self.training else self.eval_solver)
-        stats = []
-        for block in reversed(self.blocks):
-            traj, block_stats = block.trajectory(z, torch.tensor([1.0, 0.0]), solver=solver)
-            z = traj[-1]
-            stats.append(block_stats)
-        return z, stats
-
-    def sample_and_log_prob(
-        self, sample_shape: torch.Size | tuple[int, ...] = (), *, solver: SolverConfig | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples and their model log-density from one noise -> data solve (no gradient).
-
-        ``log q(x) = log N(z) - log|det dx/dz|``, the divergence integrated along the sampling
-        solve itself, so no second (data -> noise) solve is needed.
-        """
-        shape = torch.Size(sample_shape)
-        z = self.base_sample(shape).reshape(-1, *self.event_shape)
-        with torch.no_grad():
-            result = self._run(z, reverse=True, solver=solver, divergence=None)
-        log_q = standard_normal_log_prob(z) - result.log_det
-        return result.z.reshape(*shape, *self.event_shape), log_q.reshape(shape)
-
-    def log_prob(
-        self,
-        x: torch.Tensor,
-        *,
-        solver: SolverConfig | None = None,
-        divergence: str | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Log-density in nats ``(batch,)``.
-
-        In eval mode the defaults are ``eval_solver`` and ``eval_divergence`` (exact and tight);
-        in train mode the training ones. ``generator`` seeds Hutchinson probes.
-        """
-        return self.log_prob_with_stats(
-            x, solver=solver, divergence=divergence, generator=generator
-        )[0]
-
-    def log_prob_with_stats(self, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, list]:
-        """``log_prob`` and the :class:`SolveStats` of each block's solve."""
-        result = self.to_noise(x, **kwargs)
-        return standard_normal_log_prob(result.z) + result.log_det, result.stats
+        for block in reversed(self.blocks) if reverse else self.blocks:
+            z = run.solve(block, z, reverse)
+        return run.result(z)
 
     def trajectory(
         self,
@@ -245,29 +152,17 @@ class FFJORD(DensityModel):
             z = traj[-1]
         return torch.cat(frames, dim=0)
 
-    # -- training ---------------------------------------------------------------------------
-    def training_loss(self, x: torch.Tensor) -> LossOutput:
-        result = self._run(self.check_input(x), reverse=False, solver=None, divergence=None,
-                           regularize=True)
-        nll = -(standard_normal_log_prob(result.z) + result.log_det).mean()
-        loss = nll
-        metrics = {"nll": float(nll.detach())}
-        for name, value in result.regularizers.items():
-            mean = value.mean()
-            loss = loss + self.options[name] * mean
-            metrics[name] = float(mean.detach())
-        metrics["nfe_forward"] = float(sum(s.nfe_forward for s in result.stats))
-        metrics["T"] = float(sum(float(b.T.detach()) for b in self.blocks))
-        return LossOutput(loss, metrics, result.stats)
 
-
-FIELDS = ("mlp", "conv", "unet")
+VECTOR_FIELDS = ("mlp", "fourier")
+FIELDS = (*VECTOR_FIELDS, "conv", "unet")
 
 
 def _make_field(field: str, shape: tuple[int, ...], hidden: Sequence[int], layer: str,
-                activation: str) -> nn.Module:
+                activation: str, **fourier) -> nn.Module:
     if field == "mlp":
         return MLPVectorField(shape[0], hidden, layer, activation)
+    if field == "fourier":
+        return FourierVectorField(shape[0], hidden, activation, **fourier)
     if field == "conv":
         return ConvVectorField(shape, tuple(hidden), layer, activation)
     hidden = [int(h) for h in hidden]
@@ -275,22 +170,3 @@ def _make_field(field: str, shape: tuple[int, ...], hidden: Sequence[int], layer
         raise ConfigError(f"unet widths must be multiples of the first, e.g. 32,64; got {hidden}")
     return UNetVectorField(shape, channels=hidden[0],
                            channel_mult=tuple(h // hidden[0] for h in hidden))
-
-
-def _as_solver(value: dict | SolverConfig | None, default: SolverConfig) -> SolverConfig:
-    if value is None:
-        return default
-    if isinstance(value, SolverConfig):
-        return value
-    try:
-        return SolverConfig(**value)
-    except TypeError as err:
-        raise ConfigError(f"invalid solver options {value}: {err}") from err
-
-
-def _run_options(kwargs: dict) -> dict:
-    allowed = {"solver", "divergence", "generator", "regularize"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ConfigError(f"unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
-    return {"solver": None, "divergence": None, **kwargs}
