@@ -11,6 +11,9 @@ machine, in the same run:
   256 x 5 concatsquash tanh, linear path, sigma_min 1e-4);
 - ``ot-cfm``: the same with minibatch optimal-transport pairs (exact assignment in blocks of
   128 points);
+- ``ot-cfm-fourier``: OT-CFM with the Fourier-feature vector field (``--field fourier``:
+  64 random frequencies of scale 3 and 8 time harmonics feeding a 256 x 4 swish MLP), which
+  learns sharp edges in far fewer steps and takes cheaper steps;
 - ``zuko``: the peer, ``zuko.flows.CNF`` (64 x 3 ELU, exact trace, zuko's solver and
   adjoint) trained by maximum likelihood (``benchmarks/peers/zuko_cnf.py``), same learning
   rate and schedule as flowlab's FFJORD.
@@ -58,9 +61,10 @@ METHODS = {
     "ffjord-rnode": ["--model", "ffjord", "--kinetic", "0.01", "--jacobian", "0.01"],
     "cfm": ["--model", "cfm"],
     "ot-cfm": ["--model", "cfm", "--coupling", "ot"],
+    "ot-cfm-fourier": ["--model", "cfm", "--coupling", "ot", "--field", "fourier"],
     "zuko": None,
 }
-FLOWLAB_METHODS = ("ffjord", "ffjord-rnode", "cfm", "ot-cfm")
+FLOWLAB_METHODS = ("ffjord", "ffjord-rnode", "cfm", "ot-cfm", "ot-cfm-fourier")
 GRID = (10, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600)
 BUDGETS = (60, 180, 600)
 THRESHOLD = 0.10

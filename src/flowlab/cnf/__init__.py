@@ -9,7 +9,7 @@ from flowlab.cnf.divergence import (
     sample_probe,
 )
 from flowlab.cnf.dynamics import DIVERGENCES, AugmentedDynamics
-from flowlab.cnf.nets import ACTIVATIONS, LAYERS, MLPVectorField
+from flowlab.cnf.nets import ACTIVATIONS, LAYERS, FourierVectorField, MLPVectorField
 
 __all__ = [
     "ACTIVATIONS",
@@ -22,6 +22,7 @@ __all__ = [
     "AugmentedDynamics",
     "ConcatSquashConv2d",
     "ConvVectorField",
+    "FourierVectorField",
     "MLPVectorField",
     "divergence_exact",
     "divergence_hutchinson",
