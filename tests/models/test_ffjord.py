@@ -384,12 +384,17 @@ def test_config_round_trip():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     config = json.loads(json.dumps(model.config()))  # JSON-serializable, no pickles
-    # Every constructor option is in the config (T and train_T included); the image options
-    # only when used, so that configs of vector models written before them stay equal.
+    # Every constructor option is in the config (T and train_T included); the image and
+    # Fourier-field options only when used, so that configs of models written before them
+    # stay equal.
     options = set(inspect.signature(FFJORD.__init__).parameters) - {"self"}
-    assert options - {"image_shape", "field"} == set(config)
+    assert options - {"image_shape", "field", "fourier_features", "fourier_scale"} == set(config)
     image = FFJORD(image_shape=(1, 4, 4), field="conv", hidden=(4,))
-    assert set(image.config()) == options and image.config()["image_shape"] == [1, 4, 4]
+    fourier = {"fourier_features", "fourier_scale"}
+    assert set(image.config()) == options - fourier and image.config()["image_shape"] == [1, 4, 4]
+    vector = FFJORD(2, field="fourier", hidden=(4,), fourier_scale=2.0)
+    assert set(vector.config()) == options - {"image_shape"}
+    assert vector.config()["fourier_scale"] == 2.0
     assert build_model("ffjord", **json.loads(json.dumps(image.config()))).config() == \
         image.config()
     assert config["T"] == 0.7 and config["hidden"] == [8, 8] and config["num_blocks"] == 2
