@@ -203,40 +203,50 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " / ".join(text[-lines:])
 
 
-def run_cell(method: str, name: str, seconds: float, runs: Path, jobs: int) -> dict[str, Any]:
-    """Train, evaluate and measure one cell in subprocesses; write and return its cell.json.
+def run_steps(commands: list[list[str]], output: Path, what: str) -> str | None:
+    """Run a cell's subprocesses in order, their output into ``output``.
 
     A step that fails with an error of its own (exit code 1 or 2: an exception, a NaN loss, a
-    flowlab error) gives a failed cell with the last lines of its output; any other exit (a
-    signal) stops the benchmark and leaves the cell to be run again.
+    flowlab error) ends the cell: the last lines of its output are returned. Any other exit (a
+    signal) stops the benchmark and leaves the cell to be run again. None: every step ran.
     """
     import flowlab
-    from flowlab.train.checkpoint import atomic_write_json
 
     # the subprocesses import the flowlab this process imported, wherever it came from
     source = str(Path(flowlab.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (source, os.environ.get("PYTHONPATH")) if p)}
-    cell_dir = runs / name / method
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    (cell_dir / CELL).unlink(missing_ok=True)
-    (cell_dir / MEASURE).unlink(missing_ok=True)
-    start = time.perf_counter()
-    with open(cell_dir / OUTPUT, "w") as out:
-        for argv in cell_commands(method, name, seconds, cell_dir):
+    with open(output, "w") as out:
+        for argv in commands:
             out.write(f"$ {shlex.join(argv)}\n")
             out.flush()
             code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT,
                                   env=env).returncode
             if code in (1, 2):
                 out.flush()
-                cell = error_cell(method, name, seconds, _tail(cell_dir / OUTPUT),
-                                  time.perf_counter() - start, jobs)
-                atomic_write_json(cell_dir / CELL, cell)
-                print(f"{name:>12} {method:>12}: FAILED ({cell['error']})", flush=True)
-                return cell
+                return _tail(output)
             if code != 0:
-                raise SystemExit(f"{method} on {name}: {argv[1:3]} ended with exit code {code}")
+                raise SystemExit(f"{what}: {argv[1:4]} ended with exit code {code}")
+    return None
+
+
+def run_cell(method: str, name: str, seconds: float, runs: Path, jobs: int) -> dict[str, Any]:
+    """Train, evaluate and measure one cell in subprocesses (:func:`run_steps`); write and
+    return its cell.json (a failed cell holds the error)."""
+    from flowlab.train.checkpoint import atomic_write_json
+
+    cell_dir = runs / name / method
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    (cell_dir / CELL).unlink(missing_ok=True)
+    (cell_dir / MEASURE).unlink(missing_ok=True)
+    start = time.perf_counter()
+    error = run_steps(cell_commands(method, name, seconds, cell_dir), cell_dir / OUTPUT,
+                      f"{method} on {name}")
+    if error is not None:
+        cell = error_cell(method, name, seconds, error, time.perf_counter() - start, jobs)
+        atomic_write_json(cell_dir / CELL, cell)
+        print(f"{name:>12} {method:>12}: FAILED ({cell['error']})", flush=True)
+        return cell
     evaluation = json.loads((cell_dir / RUN / "eval.json").read_text())
     measured = json.loads((cell_dir / MEASURE).read_text())
     cell = make_cell(method, name, seconds, evaluation, measured, time.perf_counter() - start,

@@ -45,7 +45,6 @@ import math
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -54,7 +53,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from discrete_flows import _median_time, _tail, machine_line  # noqa: E402
+from discrete_flows import _median_time, machine_line, run_steps  # noqa: E402
 
 METHODS = {
     # (FFJORD's 64-channel image field takes minutes per step of 512 images on one CPU core:
@@ -160,12 +159,8 @@ def measure(method: str, cell_dir: Path, threads: int) -> dict[str, Any]:
 
 def run_cell(method: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """Train, evaluate and measure one cell in subprocesses; write and return its cell.json."""
-    import flowlab
     from flowlab.train.checkpoint import atomic_write_json
 
-    source = str(Path(flowlab.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (source, os.environ.get("PYTHONPATH")) if p)}
     cell_dir = args.runs / method
     cell_dir.mkdir(parents=True, exist_ok=True)
     for name in (CELL, MEASURE):
@@ -173,21 +168,12 @@ def run_cell(method: str, args: argparse.Namespace, threads: int) -> dict[str, A
     base = {"method": method, "dataset": args.data, "budget": args.seconds,
             "jobs": args.jobs, "threads": threads, "machine": machine_line()}
     start = time.perf_counter()
-    with open(cell_dir / OUTPUT, "w") as out:
-        for argv in cell_commands(method, args, cell_dir, threads):
-            out.write(f"$ {shlex.join(argv)}\n")
-            out.flush()
-            code = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT,
-                                  env=env).returncode
-            if code in (1, 2):
-                out.flush()
-                cell = {**base, "error": _tail(cell_dir / OUTPUT),
-                        "wall_seconds": time.perf_counter() - start}
-                atomic_write_json(cell_dir / CELL, cell)
-                print(f"{method:>18}: FAILED ({cell['error']})", flush=True)
-                return cell
-            if code != 0:
-                raise SystemExit(f"{method}: {argv[1:4]} ended with exit code {code}")
+    error = run_steps(cell_commands(method, args, cell_dir, threads), cell_dir / OUTPUT, method)
+    if error is not None:
+        cell = {**base, "error": error, "wall_seconds": time.perf_counter() - start}
+        atomic_write_json(cell_dir / CELL, cell)
+        print(f"{method:>18}: FAILED ({cell['error']})", flush=True)
+        return cell
     evaluation = json.loads((cell_dir / RUN / "eval.json").read_text())
     measured = json.loads((cell_dir / MEASURE).read_text())
     cell = {**base, "error": None, **{k: evaluation.get(k) for k in (
