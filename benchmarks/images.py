@@ -22,19 +22,28 @@ carved from the training images), then ``flowlab eval RUN`` (test
 bits/dim with uniform dequantization noise of the fixed test seed, over the whole test split
 unless ``--n-test``; CNFs by the ODE, with Hutchinson's estimator averaged over ``--probes``
 probes where the eval divergence is Hutchinson's), then a measurement process (parameters,
-sampling time, a sample grid). A cell that fails is recorded with its error and the benchmark
-goes on.
+sampling time, a sample grid), then ``flowlab plot RUN`` (interpolations in the base space;
+for a CNF the GIF of test images carried to noise and back). ``--train-args`` and
+``--eval-args`` add options to every method's ``flowlab train`` and ``flowlab eval`` (each
+cell records its command); on MNIST on a CPU a CNF's validation and exact trace by the ODE
+cost more than the budget, hence ``--no-keep-best`` and ``--divergence hutchinson``. A cell
+that fails is recorded with its error and the benchmark goes on.
 
 Usage (from the repository root, after ``pip install -e ".[bench]"``)::
 
     python benchmarks/images.py --data digits --seconds 900           # 15 minutes per model
     python benchmarks/images.py --data mnist --data-dir ../shared/data/mnist \\
-        --methods ffjord-multiscale --seconds 3600
+        --methods glow --seconds 2400 --train-args "--batch-size 64 --lr 1e-3"
+    python benchmarks/images.py --data mnist --data-dir ../shared/data/mnist \\
+        --methods cfm-unet --seconds 1200 --no-keep-best --n-test 64 \\
+        --train-args "--hidden 16,32 --batch-size 32 --lr 2e-3 --val-every 0" \\
+        --eval-args "--divergence hutchinson --probes 2"
     python benchmarks/images.py --data digits --table-only             # rebuild the report
 
 Finished cells (``runs/images/DATA/METHOD/cell.json``) are kept and not rerun unless
-``--force``. Writes ``benchmarks/results/images_DATA.{md,json,png}`` and
-``benchmarks/results/images_DATA_samples_METHOD.png``.
+``--force``. Writes ``benchmarks/results/images_DATA.{md,json,png}``,
+``benchmarks/results/images_DATA_samples_METHOD.png`` and the ``interpolations`` and ``flow``
+pictures of each method.
 """
 
 from __future__ import annotations
@@ -74,26 +83,37 @@ COMMON = ["--keep-best", "--val-every", "40"]
 BASELINES = ("realnvp", "glow", "maf")  # the discrete flows a CNF has to beat
 CELL, MEASURE, OUTPUT, RUN = "cell.json", "measure.json", "output.txt", "run"
 N_SAMPLES, SAMPLE_REPEATS = 64, 3
+PICTURES = ("interpolations.png", "flow.gif")
 
 
 # -- one cell ----------------------------------------------------------------------------------
+def train_options(method: str, args: argparse.Namespace, run: Path, threads: int) -> list[str]:
+    """``flowlab train ...`` of one cell: the method's options, the model selection (unless
+    ``--no-keep-best``), then ``--train-args`` (later options win)."""
+    data = ["--data", args.data] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
+    selection = [] if args.no_keep_best else COMMON
+    return ["train", *data, *METHODS[method], *selection, *shlex.split(args.train_args or ""),
+            "--seconds", str(args.seconds), "--out", str(run), "--force", "--no-progress",
+            "--threads", str(threads)]
+
+
 def cell_commands(method: str, args: argparse.Namespace, cell_dir: Path,
                   threads: int) -> list[list[str]]:
     run = cell_dir / RUN
     py = sys.executable
-    data = ["--data", args.data] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
     evaluate = [py, "-m", "flowlab.cli", "eval", str(run), "--threads", str(threads)]
     if args.n_test:
         evaluate += ["--n-test", str(args.n_test)]
     if args.probes and method == "ffjord-multiscale":  # the one evaluated with Hutchinson's
         evaluate += ["--probes", str(args.probes)]
+    evaluate += shlex.split(args.eval_args or "")
     return [
-        [py, "-m", "flowlab.cli", "train", *data, *METHODS[method], *COMMON, "--seconds",
-         str(args.seconds), "--out", str(run), "--force", "--no-progress", "--threads",
-         str(threads)],
+        [py, "-m", "flowlab.cli", *train_options(method, args, run, threads)],
         evaluate,
         [py, str(Path(__file__).resolve()), "--measure", method, str(cell_dir),
          "--threads", str(threads)],
+        # interpolations in the base space, and for a CNF the GIF data -> noise -> data
+        [py, "-m", "flowlab.cli", "plot", str(run), "--threads", str(threads)],
     ]
 
 
@@ -166,7 +186,10 @@ def run_cell(method: str, args: argparse.Namespace, threads: int) -> dict[str, A
     for name in (CELL, MEASURE):
         (cell_dir / name).unlink(missing_ok=True)
     base = {"method": method, "dataset": args.data, "budget": args.seconds,
-            "jobs": args.jobs, "threads": threads, "machine": machine_line()}
+            "jobs": args.jobs, "threads": threads, "machine": machine_line(),
+            "train_command": "flowlab " + shlex.join(
+                train_options(method, args, cell_dir / RUN, threads)),
+            "eval_args": args.eval_args}
     start = time.perf_counter()
     error = run_steps(cell_commands(method, args, cell_dir, threads), cell_dir / OUTPUT, method)
     if error is not None:
@@ -248,7 +271,8 @@ def verdict(cells: dict) -> str:
             "the images are the same, so this errs on the lenient side).")
 
 
-def report(cells: dict, data: str, command: str, figure: str | None) -> str:
+def report(cells: dict, data: str, command: str, figure: str | None,
+           results_dir: Path = Path()) -> str:
     ok = [c for c in _ordered(cells) if _ok(c)]
     budgets = sorted({c["budget"] for c in cells.values()})
     machines = sorted({c.get("machine", "?") for c in cells.values()})
@@ -274,8 +298,20 @@ def report(cells: dict, data: str, command: str, figure: str | None) -> str:
         verdict(cells),
         "",
         *([f"![validation bits/dim against training time]({figure})", ""] if figure else []),
+        "Training command of each method:",
+        "",
+        *[f"- {c['method']}: `{c['train_command']}`"
+          + (f", evaluated with `{c['eval_args']}`" if c.get("eval_args") else "")
+          for c in _ordered(cells) if c.get("train_command")],
+        "",
         "Samples: " + ", ".join(
-            f"[{c['method']}](images_{data}_samples_{c['method']}.png)" for c in ok),
+            f"[{c['method']}](images_{data}_samples_{c['method']}.png)" for c in ok) + ".  ",
+        "Interpolations in the base space, and the GIF of test images carried to noise and "
+        "back (CNFs): " + ", ".join(
+            f"[{Path(name).stem} {c['method']}](images_{data}_{Path(name).stem}_{c['method']}"
+            f"{Path(name).suffix})" for c in ok for name in PICTURES
+            if (results_dir / f"images_{data}_{Path(name).stem}_{c['method']}"
+                f"{Path(name).suffix}").is_file()) + ".",
         "",
     ])
 
@@ -326,7 +362,12 @@ def write_results(cells: dict, data: str, runs: Path, results: Path, command: st
         grid = runs / c["method"] / "samples.png"
         if _ok(c) and grid.is_file():
             shutil.copyfile(grid, results / f"{stem}_samples_{c['method']}.png")
-    text = report(cells, data, command, figure.name)
+        for name in PICTURES:  # written by `flowlab plot RUN`
+            picture = runs / c["method"] / RUN / name
+            if _ok(c) and picture.is_file():
+                shutil.copyfile(picture, results / f"{stem}_{picture.stem}_{c['method']}"
+                                f"{picture.suffix}")
+    text = report(cells, data, command, figure.name, results)
     (results / f"{stem}.md").write_text(text)
     (results / f"{stem}.json").write_text(json.dumps(
         {"command": command, "cells": _ordered(cells)}, indent=1))
@@ -346,6 +387,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads per process (default: CPUs / jobs)")
     parser.add_argument("--n-test", type=int, default=None,
                         help="score a random subset of test images (default: all)")
+    parser.add_argument("--train-args", default=None,
+                        help="more `flowlab train` options for every method, after the "
+                             "method's own (later options win), e.g. \"--batch-size 64 "
+                             "--lr 1e-3\"")
+    parser.add_argument("--eval-args", default=None,
+                        help="more `flowlab eval` options, e.g. \"--divergence hutchinson "
+                             "--probes 2\" for a CNF whose exact trace is too dear (MNIST)")
+    parser.add_argument("--no-keep-best", action="store_true",
+                        help="no model selection on the validation split (for models whose "
+                             "validation by the ODE costs more than the budget can spare, "
+                             "e.g. a CNF on MNIST on a CPU): the final weights are evaluated")
     parser.add_argument("--probes", type=int, default=None,
                         help="Hutchinson probes per test image for ffjord-multiscale (the CNF "
                              "evaluated with Hutchinson's estimator; default: eval's, 4)")

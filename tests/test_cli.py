@@ -245,6 +245,24 @@ def test_discrete_flows_train_evaluate_sample_and_plot(tmp_path, capsys, family,
     assert "applies to CNF models" in capsys.readouterr().err
 
 
+def test_log_scale_bound_is_stored_and_rebuilt(tmp_path, capsys):
+    from flowlab.train import load_run
+    from flowlab.transforms.autoregressive import MaskedAffineAutoregressive
+
+    run = tmp_path / "maf"
+    assert main(["train", "--data", "moons", "--model", "maf", "--num-blocks", "2", "--hidden",
+                 "8", "--iters", "3", "--log-scale-bound", "6.5", "--no-progress",
+                 "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["model_options"][
+        "log_scale_bound"] == 6.5
+    model, _ = load_run(run)
+    steps = [m for m in model.modules() if isinstance(m, MaskedAffineAutoregressive)]
+    assert len(steps) == 2 and {m.log_scale_bound for m in steps} == {6.5}
+    assert main(["train", "--data", "moons", "--model", "realnvp", "--log-scale-bound", "6",
+                 "--iters", "1", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "applies to maf and iaf" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["realnvp", "maf"])
 def test_image_runs_report_bits_per_dim_on_the_whole_test_set(tmp_path, capsys, family):
     """digits (scikit-learn's 8x8, 17 levels): training, bits/dim on all 297 test images or a

@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="spline bins (nsf-coupling, nsf-ar; default 8)")
     df.add_argument("--bound", type=_positive_float, default=None,
                     help="splines act on [-bound, bound], identity outside (default 4)")
+    df.add_argument("--log-scale-bound", type=_positive_float, default=None,
+                    help="maf, iaf: soft clamp c*tanh(s/c) of each step's log-scale (default "
+                         "3: each step scales by at most e^3)")
     fm = tr.add_argument_group("flow matching (cfm): the same CNF, trained without ODE solves")
     fm.add_argument("--path", choices=("linear", "vp"), default="linear",
                     help="probability path between data (t=0) and noise (t=1)")
@@ -291,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the flow animation (CNFs; on images: test images carried to "
                          "noise and back, with the vector field)")
     pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--threads", type=_positive_int, default=None)
     return parser
 
 
@@ -335,6 +339,10 @@ def _flow_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str,
         if args.model not in ("realnvp", "maf"):
             raise ConfigError("--batch-norm applies to realnvp and maf")
         options["batch_norm"] = True
+    if args.log_scale_bound is not None:
+        if args.model not in ("maf", "iaf"):
+            raise ConfigError("--log-scale-bound applies to maf and iaf")
+        options["log_scale_bound"] = args.log_scale_bound
     for name in ("bins", "bound"):
         if getattr(args, name) is not None:
             if not args.model.startswith("nsf"):
@@ -890,6 +898,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from flowlab import viz
     from flowlab.train.checkpoint import LOG
 
+    _set_threads(args.threads)
     model, config, dataset = _load(args.run)
     model.eval()
     torch.manual_seed(args.seed)

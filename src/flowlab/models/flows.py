@@ -252,6 +252,10 @@ def _glow(shape, context_dim, num_blocks: int = 8, hidden: Sequence[int] = (64, 
     return Compose(layers)
 
 
+# |log-scale| bound of each MAF/IAF step (a soft clamp, see MaskedAffineAutoregressive)
+LOG_SCALE_BOUND = 3.0
+
+
 def _orders(dim: int, num_blocks: int) -> list[list[int]]:
     natural = list(range(dim))
     return [natural if i % 2 == 0 else natural[::-1] for i in range(num_blocks)]
@@ -259,26 +263,29 @@ def _orders(dim: int, num_blocks: int) -> list[list[int]]:
 
 @register_family("maf")
 def _maf(shape, context_dim, num_blocks: int = 5, hidden: Sequence[int] = (64, 64),
-         batch_norm: bool = False) -> Transform:
+         batch_norm: bool = False, log_scale_bound: float = LOG_SCALE_BOUND) -> Transform:
     from flowlab.transforms.autoregressive import maf_step
 
     dim = _vector("maf", shape)
     _positive("maf", num_blocks=num_blocks)
     layers: list[Transform] = []
     for i, order in enumerate(_orders(dim, num_blocks)):
-        layers.append(maf_step(dim, hidden=hidden, context_dim=context_dim, order=order))
+        layers.append(maf_step(dim, hidden=hidden, context_dim=context_dim, order=order,
+                               log_scale_bound=log_scale_bound))
         if batch_norm and i < num_blocks - 1:
             layers.append(BatchNorm(dim))
     return Compose(layers)
 
 
 @register_family("iaf")
-def _iaf(shape, context_dim, num_blocks: int = 5, hidden: Sequence[int] = (64, 64)) -> Transform:
+def _iaf(shape, context_dim, num_blocks: int = 5, hidden: Sequence[int] = (64, 64),
+         log_scale_bound: float = LOG_SCALE_BOUND) -> Transform:
     from flowlab.transforms.autoregressive import iaf_step
 
     dim = _vector("iaf", shape)
     _positive("iaf", num_blocks=num_blocks)
-    return Compose([iaf_step(dim, hidden=hidden, context_dim=context_dim, order=order)
+    return Compose([iaf_step(dim, hidden=hidden, context_dim=context_dim, order=order,
+                             log_scale_bound=log_scale_bound)
                     for order in _orders(dim, num_blocks)])
 
 

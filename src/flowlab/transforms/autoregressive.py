@@ -94,16 +94,17 @@ class MaskedAffineAutoregressive(Transform):
 
 
 def maf_step(dim: int, hidden: Sequence[int] = (64, 64), context_dim: int | None = None,
-             order: Sequence[int] | None = None) -> MaskedAffineAutoregressive:
+             order: Sequence[int] | None = None,
+             log_scale_bound: float = 3.0) -> MaskedAffineAutoregressive:
     """A MAF layer: density in one pass (``forward``), sampling in ``dim`` passes."""
-    return MaskedAffineAutoregressive(dim, hidden, context_dim, order)
+    return MaskedAffineAutoregressive(dim, hidden, context_dim, order, log_scale_bound)
 
 
 def iaf_step(dim: int, hidden: Sequence[int] = (64, 64), context_dim: int | None = None,
-             order: Sequence[int] | None = None) -> Inverse:
+             order: Sequence[int] | None = None, log_scale_bound: float = 3.0) -> Inverse:
     """An IAF layer: ``inverse`` (noise -> data, sampling) in one pass, ``forward`` (density)
     in ``dim`` passes. Its ``forward`` is the sequential inverse of a MAF layer."""
-    return Inverse(MaskedAffineAutoregressive(dim, hidden, context_dim, order))
+    return Inverse(MaskedAffineAutoregressive(dim, hidden, context_dim, order, log_scale_bound))
 
 
 # examples draw from the global RNG, so that a battery seeding it gets other parameters each time

@@ -1,0 +1,85 @@
+"""The image benchmark's commands and report (no training: the cells are written by hand)."""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "images.py"
+
+
+def _load_benchmark():
+    # benchmarks/ is not an installed package: load the module from its file.
+    spec = importlib.util.spec_from_file_location("images_benchmark_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+im = _load_benchmark()
+
+
+def _args(**changes) -> argparse.Namespace:
+    values = {"data": "mnist", "data_dir": Path("data/mnist"), "seconds": 60.0, "n_test": None,
+              "probes": None, "train_args": None, "eval_args": None, "no_keep_best": False}
+    return argparse.Namespace(**{**values, **changes})
+
+
+def _value(argv: list[str], option: str) -> str:
+    """The value argparse keeps for ``option``: its last occurrence."""
+    return argv[len(argv) - 1 - argv[::-1].index(option) + 1]
+
+
+def test_train_args_come_after_the_method_options_and_win():
+    argv = im.train_options("glow", _args(train_args="--batch-size 64 --lr 1e-3"),
+                            Path("run"), 1)
+    assert argv[:5] == ["train", "--data", "mnist", "--data-dir", "data/mnist"]
+    assert "--keep-best" in argv and _value(argv, "--batch-size") == "64"
+    assert _value(argv, "--lr") == "1e-3" and _value(argv, "--seconds") == "60.0"
+    plain = im.train_options("cfm-unet", _args(), Path("run"), 2)
+    assert "--batch-size" not in plain and _value(plain, "--threads") == "2"
+
+
+def test_no_keep_best_drops_the_model_selection():
+    argv = im.train_options("cfm-unet", _args(no_keep_best=True,
+                                              train_args="--val-every 0"), Path("run"), 1)
+    assert "--keep-best" not in argv and _value(argv, "--val-every") == "0"
+
+
+def test_cell_commands_train_evaluate_measure_and_plot(tmp_path):
+    steps = im.cell_commands("cfm-unet", _args(n_test=64, eval_args="--divergence hutchinson "
+                                               "--probes 2"), tmp_path, 1)
+    assert [s[3] if s[1] == "-m" else s[2] for s in steps] == [
+        "train", "eval", "--measure", "plot"]
+    evaluate = steps[1]
+    assert _value(evaluate, "--n-test") == "64" and _value(evaluate, "--probes") == "2"
+    assert _value(evaluate, "--divergence") == "hutchinson"
+    assert steps[3][3:] == ["plot", str(tmp_path / im.RUN), "--threads", "1"]
+
+
+def _cell(method: str, bpd: float, **extra) -> dict:
+    return {"method": method, "dataset": "digits", "budget": 60.0, "machine": "test box",
+            "threads": 1, "error": None, "bits_per_dim": bpd, "bpd_se": 0.01, "n_test": 297,
+            "n_total": 297, "nfe": None, "estimator": "closed form", "eval_seconds": 1.0,
+            "parameters": 1000, "train_steps": 10, "train_seconds": 60.0, "best": None,
+            "sample_seconds": 0.1, "curve": [(10.0, bpd + 0.1), (60.0, bpd)],
+            "task": "digits", **extra}
+
+
+def test_report_lists_each_command_and_the_pictures_that_exist(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    cells = {"maf": _cell("maf", 2.5, train_command="flowlab train --model maf"),
+             "cfm-unet": _cell("cfm-unet", 2.0, train_command="flowlab train --model cfm",
+                               eval_args="--probes 2", nfe=80.0, estimator="hutchinson",
+                               estimator_se=0.003, probes=2)}
+    gif = runs / "cfm-unet" / im.RUN / "flow.gif"
+    gif.parent.mkdir(parents=True)
+    gif.write_bytes(b"GIF89a")
+    text = im.write_results(cells, "digits", runs, results, "python benchmarks/images.py")
+    assert "- maf: `flowlab train --model maf`" in text
+    assert "- cfm-unet: `flowlab train --model cfm`, evaluated with `--probes 2`" in text
+    assert (results / "images_digits_flow_cfm-unet.gif").read_bytes() == b"GIF89a"
+    assert "images_digits_flow_cfm-unet.gif" in text
+    assert "interpolations maf" not in text  # no picture, no link
+    assert "`cfm-unet` (2.0000) beats the best discrete baseline `maf`" in text
