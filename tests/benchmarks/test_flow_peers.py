@@ -1,11 +1,10 @@
 import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from benchload import load_benchmark
 
 from flowlab.data import get_dataset
 from flowlab.errors import NonFiniteError, RunDirError
@@ -14,19 +13,7 @@ from flowlab.models import build_model
 from flowlab.train import TrainConfig
 from flowlab.train import train as flowlab_train
 
-PEER = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "flow_peers.py"
-
-
-def _load_peer():
-    # benchmarks/ is not an installed package: load the module from its file.
-    spec = importlib.util.spec_from_file_location("flow_peers_under_test", PEER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fp = _load_peer()
+fp = load_benchmark("peers/flow_peers.py", "flow_peers_under_test")
 
 
 def _peer(name: str) -> str:

@@ -1,23 +1,11 @@
 """The image benchmark's commands and report (no training: the cells are written by hand)."""
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "images.py"
+from benchload import load_benchmark
 
-
-def _load_benchmark():
-    # benchmarks/ is not an installed package: load the module from its file.
-    spec = importlib.util.spec_from_file_location("images_benchmark_under_test", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-im = _load_benchmark()
+im = load_benchmark("images.py", "images_benchmark_under_test")
 
 
 def _args(**changes) -> argparse.Namespace:

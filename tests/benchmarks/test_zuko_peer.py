@@ -1,13 +1,12 @@
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("zuko")
+
+from benchload import load_benchmark  # noqa: E402
 
 from flowlab.data import get_dataset  # noqa: E402
 from flowlab.eval.nll import mean_and_se  # noqa: E402
@@ -16,19 +15,7 @@ from flowlab.ode import SolverConfig  # noqa: E402
 from flowlab.train import TrainConfig  # noqa: E402
 from flowlab.train import train as flowlab_train  # noqa: E402
 
-PEER = Path(__file__).resolve().parents[2] / "benchmarks" / "peers" / "zuko_cnf.py"
-
-
-def _load_peer():
-    # benchmarks/ is not an installed package: load the module from its file.
-    spec = importlib.util.spec_from_file_location("zuko_cnf_peer", PEER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-zc = _load_peer()
+zc = load_benchmark("peers/zuko_cnf.py", "zuko_cnf_peer")
 
 
 @pytest.fixture(scope="module")

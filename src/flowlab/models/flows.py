@@ -35,6 +35,7 @@ import torch
 from flowlab.errors import ConfigError
 from flowlab.models.base import MODELS, DensityModel, LossOutput, standard_normal_log_prob
 from flowlab.transforms import Compose, Transform
+from flowlab.transforms.autoregressive import LOG_SCALE_BOUND
 from flowlab.transforms.coupling import AdditiveCoupling, AffineCoupling, Scaling
 from flowlab.transforms.linear import ActNorm, BatchNorm, InvertibleLinearLU
 from flowlab.transforms.reshape import Split, Squeeze
@@ -250,10 +251,6 @@ def _glow(shape, context_dim, num_blocks: int = 8, hidden: Sequence[int] = (64, 
         layers += [ActNorm(dim), InvertibleLinearLU(dim, seed=i),
                    AffineCoupling((dim,), "half", i, hidden, context_dim)]
     return Compose(layers)
-
-
-# |log-scale| bound of each MAF/IAF step (a soft clamp, see MaskedAffineAutoregressive)
-LOG_SCALE_BOUND = 3.0
 
 
 def _orders(dim: int, num_blocks: int) -> list[list[int]]:
