@@ -82,6 +82,7 @@ METHODS = {
 COMMON = ["--keep-best", "--val-every", "40"]
 BASELINES = ("realnvp", "glow", "maf")  # the discrete flows a CNF has to beat
 CELL, MEASURE, OUTPUT, RUN = "cell.json", "measure.json", "output.txt", "run"
+TRAIN_OUTPUT = "train_output.txt"  # the training's output, kept when --no-train evaluates again
 N_SAMPLES, SAMPLE_REPEATS = 64, 3
 PICTURES = ("interpolations.png", "flow.gif")
 
@@ -107,8 +108,10 @@ def cell_commands(method: str, args: argparse.Namespace, cell_dir: Path,
     if args.probes and method == "ffjord-multiscale":  # the one evaluated with Hutchinson's
         evaluate += ["--probes", str(args.probes)]
     evaluate += shlex.split(args.eval_args or "")
+    train = [] if args.no_train else [
+        [py, "-m", "flowlab.cli", *train_options(method, args, run, threads)]]
     return [
-        [py, "-m", "flowlab.cli", *train_options(method, args, run, threads)],
+        *train,
         evaluate,
         [py, str(Path(__file__).resolve()), "--measure", method, str(cell_dir),
          "--threads", str(threads)],
@@ -177,19 +180,35 @@ def measure(method: str, cell_dir: Path, threads: int) -> dict[str, Any]:
     }
 
 
+def earlier_training(cell_dir: Path) -> str:
+    """``--no-train``: the ``flowlab train`` command of the cell's existing run (from the
+    cell's output, which is kept as ``train_output.txt``)."""
+    if not (cell_dir / RUN / "model.safetensors").is_file():
+        raise SystemExit(f"--no-train: {cell_dir / RUN} holds no trained model; train it first "
+                         "(drop --no-train)")
+    if (cell_dir / OUTPUT).is_file() and not (cell_dir / TRAIN_OUTPUT).is_file():
+        (cell_dir / OUTPUT).rename(cell_dir / TRAIN_OUTPUT)
+    lines = ((cell_dir / TRAIN_OUTPUT).read_text().splitlines()
+             if (cell_dir / TRAIN_OUTPUT).is_file() else [])
+    for line in lines:
+        if line.startswith("$ ") and " flowlab.cli train " in line:
+            return "flowlab " + line.split(" flowlab.cli ", 1)[1]
+    return f"(trained earlier: see {cell_dir / RUN / 'config.json'})"
+
+
 def run_cell(method: str, args: argparse.Namespace, threads: int) -> dict[str, Any]:
     """Train, evaluate and measure one cell in subprocesses; write and return its cell.json."""
     from flowlab.train.checkpoint import atomic_write_json
 
     cell_dir = args.runs / method
     cell_dir.mkdir(parents=True, exist_ok=True)
+    train_command = ("flowlab " + shlex.join(train_options(method, args, cell_dir / RUN, threads))
+                     if not args.no_train else earlier_training(cell_dir))
     for name in (CELL, MEASURE):
         (cell_dir / name).unlink(missing_ok=True)
     base = {"method": method, "dataset": args.data, "budget": args.seconds,
             "jobs": args.jobs, "threads": threads, "machine": machine_line(),
-            "train_command": "flowlab " + shlex.join(
-                train_options(method, args, cell_dir / RUN, threads)),
-            "eval_args": args.eval_args}
+            "train_command": train_command, "eval_args": args.eval_args}
     start = time.perf_counter()
     error = run_steps(cell_commands(method, args, cell_dir, threads), cell_dir / OUTPUT, method)
     if error is not None:
@@ -394,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-args", default=None,
                         help="more `flowlab eval` options, e.g. \"--divergence hutchinson "
                              "--probes 2\" for a CNF whose exact trace is too dear (MNIST)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="evaluate, measure and plot the cells' trained runs again (e.g. "
+                             "with other --eval-args) without training them")
     parser.add_argument("--no-keep-best", action="store_true",
                         help="no model selection on the validation split (for models whose "
                              "validation by the ODE costs more than the budget can spare, "
@@ -426,7 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     args.runs = args.runs or Path("runs/images") / args.data
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if not args.table_only:
-        todo = [m for m in methods if args.force or not (args.runs / m / CELL).is_file()]
+        todo = [m for m in methods
+                if args.force or args.no_train or not (args.runs / m / CELL).is_file()]
         print(f"{len(todo)} methods on {args.data}, {args.seconds:g} s each, {args.jobs} at a "
               f"time with {threads} thread(s) each", flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

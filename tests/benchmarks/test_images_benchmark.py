@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+import pytest
 from benchload import load_benchmark
 
 im = load_benchmark("images.py", "images_benchmark_under_test")
@@ -10,7 +11,8 @@ im = load_benchmark("images.py", "images_benchmark_under_test")
 
 def _args(**changes) -> argparse.Namespace:
     values = {"data": "mnist", "data_dir": Path("data/mnist"), "seconds": 60.0, "n_test": None,
-              "probes": None, "train_args": None, "eval_args": None, "no_keep_best": False}
+              "probes": None, "train_args": None, "eval_args": None, "no_keep_best": False,
+              "no_train": False}
     return argparse.Namespace(**{**values, **changes})
 
 
@@ -44,6 +46,20 @@ def test_cell_commands_train_evaluate_measure_and_plot(tmp_path):
     assert _value(evaluate, "--n-test") == "64" and _value(evaluate, "--probes") == "2"
     assert _value(evaluate, "--divergence") == "hutchinson"
     assert steps[3][3:] == ["plot", str(tmp_path / im.RUN), "--threads", "1"]
+
+
+def test_no_train_evaluates_the_existing_run_and_keeps_its_command(tmp_path):
+    steps = im.cell_commands("glow", _args(no_train=True), tmp_path, 1)
+    assert [s[3] if s[1] == "-m" else s[2] for s in steps] == ["eval", "--measure", "plot"]
+    with pytest.raises(SystemExit, match="no trained model"):
+        im.earlier_training(tmp_path)
+    (tmp_path / im.RUN).mkdir()
+    (tmp_path / im.RUN / "model.safetensors").write_bytes(b"")
+    (tmp_path / im.OUTPUT).write_text("$ /x/python -m flowlab.cli train --data mnist --lr 1\n"
+                                      "done\n$ /x/python -m flowlab.cli eval run\n")
+    assert im.earlier_training(tmp_path) == "flowlab train --data mnist --lr 1"
+    assert (tmp_path / im.TRAIN_OUTPUT).is_file() and not (tmp_path / im.OUTPUT).exists()
+    assert im.earlier_training(tmp_path) == "flowlab train --data mnist --lr 1"  # again
 
 
 def _cell(method: str, bpd: float, **extra) -> dict:
