@@ -257,9 +257,10 @@ def results_table(cells: dict) -> str:
             lines.append(f"| {c['method']} | failed: {error} " + "| - " * 9 + "|")
             continue
         est = c.get("estimator_se")
-        est_text = (f"{est:.4f} ({c.get('probes')} probes)" if est is not None
-                    else "-" if c.get("estimator") in ("exact", "closed form", None)
-                    else "n/a (1 probe)")
+        stochastic = c.get("estimator") not in ("exact", "closed form", None)
+        est_text = ("-" if not stochastic
+                    else f"{est:.4f} ({c.get('probes')} probes)" if est is not None
+                    and (c.get("probes") or 1) > 1 else "n/a (1 probe)")
         nfe = "-" if c.get("nfe") is None else f"{c['nfe']:.0f}"
         best = c.get("best")
         chosen = "last" if best is None else f"{best['seconds']:.0f}"
