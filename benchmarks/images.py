@@ -87,6 +87,11 @@ N_SAMPLES, SAMPLE_REPEATS = 64, 3
 PICTURES = ("interpolations.png", "flow.gif")
 
 
+def picture_name(data: str, name: str, method: str) -> str:
+    """The results file of a run's picture: ``flow.gif`` -> ``images_DATA_flow_METHOD.gif``."""
+    return f"images_{data}_{Path(name).stem}_{method}{Path(name).suffix}"
+
+
 # -- one cell ----------------------------------------------------------------------------------
 def train_options(method: str, args: argparse.Namespace, run: Path, threads: int) -> list[str]:
     """``flowlab train ...`` of one cell: the method's options, the model selection (unless
@@ -328,10 +333,9 @@ def report(cells: dict, data: str, command: str, figure: str | None,
             f"[{c['method']}](images_{data}_samples_{c['method']}.png)" for c in ok) + ".  ",
         "Interpolations in the base space, and the GIF of test images carried to noise and "
         "back (CNFs): " + ", ".join(
-            f"[{Path(name).stem} {c['method']}](images_{data}_{Path(name).stem}_{c['method']}"
-            f"{Path(name).suffix})" for c in ok for name in PICTURES
-            if (results_dir / f"images_{data}_{Path(name).stem}_{c['method']}"
-                f"{Path(name).suffix}").is_file()) + ".",
+            f"[{Path(name).stem} {c['method']}]({picture_name(data, name, c['method'])})"
+            for c in ok for name in PICTURES
+            if (results_dir / picture_name(data, name, c["method"])).is_file()) + ".",
         "",
     ])
 
@@ -385,8 +389,7 @@ def write_results(cells: dict, data: str, runs: Path, results: Path, command: st
         for name in PICTURES:  # written by `flowlab plot RUN`
             picture = runs / c["method"] / RUN / name
             if _ok(c) and picture.is_file():
-                shutil.copyfile(picture, results / f"{stem}_{picture.stem}_{c['method']}"
-                                f"{picture.suffix}")
+                shutil.copyfile(picture, results / picture_name(data, name, c["method"]))
     text = report(cells, data, command, figure.name, results)
     (results / f"{stem}.md").write_text(text)
     (results / f"{stem}.json").write_text(json.dumps(

@@ -49,7 +49,7 @@ class FlowResult:
 class BlockPass:
     """One pass through a model's CNF blocks: the settings of each solve, and the running sums.
 
-    Made afresh by every call (:meth:`CNFDensity._begin`), so nothing measured or sampled is
+    Made afresh by every call (:meth:`CNFDensity._run`), so nothing measured or sampled is
     kept on a module. With ``density=False`` only the points are carried (no divergence, no
     log-determinant: sampling).
     """
@@ -144,28 +144,6 @@ class CNFDensity(DensityModel):
         }
 
     # -- one pass ---------------------------------------------------------------------------
-    def _begin(
-        self,
-        x: torch.Tensor,
-        solver: SolverConfig | None,
-        divergence: str | None,
-        regularize: bool = False,
-        generator: torch.Generator | None = None,
-        density: bool = True,
-    ) -> BlockPass:
-        """A :class:`BlockPass` for the batch ``x``, with the train or eval-mode defaults."""
-        solver = solver or (self.solver if self.training else self.eval_solver)
-        divergence = divergence or (
-            self.options["divergence"] if self.training else self.options["eval_divergence"]
-        )
-        return BlockPass(
-            log_det=torch.zeros(x.shape[0], dtype=x.dtype, device=x.device),
-            solver=solver, divergence=divergence, probe=self.options["probe"],
-            kinetic=regularize and self.options["kinetic"] > 0,
-            jacobian=regularize and self.options["jacobian"] > 0,
-            generator=generator, density=density,
-        )
-
     def _run(
         self,
         x: torch.Tensor,
@@ -176,7 +154,24 @@ class CNFDensity(DensityModel):
         generator: torch.Generator | None = None,
         density: bool = True,
     ) -> FlowResult:
-        """Data -> noise (or noise -> data with ``reverse``) through all blocks."""
+        """Data -> noise (or noise -> data with ``reverse``) through all blocks, with the train
+        or eval-mode defaults for what is not given."""
+        solver = solver or (self.solver if self.training else self.eval_solver)
+        divergence = divergence or (
+            self.options["divergence"] if self.training else self.options["eval_divergence"]
+        )
+        run = BlockPass(
+            log_det=torch.zeros(x.shape[0], dtype=x.dtype, device=x.device),
+            solver=solver, divergence=divergence, probe=self.options["probe"],
+            kinetic=regularize and self.options["kinetic"] > 0,
+            jacobian=regularize and self.options["jacobian"] > 0,
+            generator=generator, density=density,
+        )
+        return run.result(self._through_blocks(run, x, reverse))
+
+    def _through_blocks(self, run: BlockPass, x: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """``x`` through every block (``run.solve(block, h, reverse)``) and whatever lies
+        between them, in order or in reverse; the subclass's architecture."""
         raise NotImplementedError
 
     # -- the maps ---------------------------------------------------------------------------

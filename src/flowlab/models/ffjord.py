@@ -10,7 +10,7 @@ from torch import nn
 from flowlab.cnf import CNF, ConvVectorField, FourierVectorField, MLPVectorField
 from flowlab.errors import ConfigError
 from flowlab.models.base import register_model
-from flowlab.models.cnf_density import CNFDensity, FlowResult
+from flowlab.models.cnf_density import BlockPass, CNFDensity
 from flowlab.nets import UNetVectorField
 from flowlab.ode import SolverConfig
 
@@ -99,21 +99,10 @@ class FFJORD(CNFDensity):
             for _ in range(num_blocks)
         )
 
-    def _run(
-        self,
-        x: torch.Tensor,
-        reverse: bool,
-        solver: SolverConfig | None,
-        divergence: str | None,
-        regularize: bool = False,
-        generator: torch.Generator | None = None,
-        density: bool = True,
-    ) -> FlowResult:
-        run = self._begin(x, solver, divergence, regularize, generator, density)
-        z = x
+    def _through_blocks(self, run: BlockPass, x: torch.Tensor, reverse: bool) -> torch.Tensor:
         for block in reversed(self.blocks) if reverse else self.blocks:
-            z = run.solve(block, z, reverse)
-        return run.result(z)
+            x = run.solve(block, x, reverse)
+        return x
 
     def trajectory(
         self,

@@ -38,7 +38,7 @@ from torch import nn
 from flowlab.cnf import CNF, ConvVectorField
 from flowlab.errors import ConfigError
 from flowlab.models.base import register_model
-from flowlab.models.cnf_density import CNFDensity, FlowResult
+from flowlab.models.cnf_density import BlockPass, CNFDensity
 from flowlab.ode import SolverConfig
 from flowlab.transforms.reshape import Squeeze
 
@@ -208,24 +208,14 @@ class MultiscaleFFJORD(CNFDensity):
                 factored.append(out)
         return h
 
-    def _run(
-        self,
-        x: torch.Tensor,
-        reverse: bool,
-        solver: SolverConfig | None,
-        divergence: str | None,
-        regularize: bool = False,
-        generator: torch.Generator | None = None,
-        density: bool = True,
-    ) -> FlowResult:
-        run = self._begin(x, solver, divergence, regularize, generator, density)
+    def _through_blocks(self, run: BlockPass, x: torch.Tensor, reverse: bool) -> torch.Tensor:
         factored: list[torch.Tensor] = []
         if reverse:  # noise (image layout) -> its parts -> data
             parts = self._walk(self.check_input(x), factored, reverse=False)
-            return run.result(self._walk(parts, factored, reverse=True, solve=run.solve))
+            return self._walk(parts, factored, reverse=True, solve=run.solve)
         # data -> the last scale's output and the factored-out parts -> noise in image layout
         last = self._walk(x, factored, reverse=False, solve=run.solve)
-        return run.result(self._walk(last, factored, reverse=True))
+        return self._walk(last, factored, reverse=True)
 
     # -- pictures -----------------------------------------------------------------------------
     def _image_view(self, h: torch.Tensor, position: int,
