@@ -796,7 +796,8 @@ def _eval_images(args, ranks, model, config, task, solver, dtype) -> int:
     test = task.test_split()
     result = evaluate_bits_per_dim(model, task, test, n_test=args.n_test,
                                    batch_size=min(args.batch_size, 1000), solver=solver,
-                                   divergence=args.divergence, probes=probes, dtype=dtype)
+                                   divergence=args.divergence, probes=probes, dtype=dtype,
+                                   progress=lambda line: print(line, flush=True))
     report = {"dataset": task.name, "model": config["model"], **result.to_dict(),
               "dtype": args.dtype, "run": str(args.run), "preprocess": repr(task.preprocess)}
     _write_json(args.run / "eval.json", report)

@@ -146,3 +146,14 @@ def test_estimator_se_predicts_the_spread_of_the_reported_mean():
     assert spread == pytest.approx(truth, rel=0.06)
     estimates = torch.tensor([estimator_standard_error(s) for s in scores[:500]])
     assert float(estimates.mean()) == pytest.approx(truth, rel=0.03)
+
+
+def test_progress_lines_count_batches_and_probes_and_end_at_the_result(setting):
+    lines = []
+    result = evaluate(setting, divergence="hutchinson", probes=2, progress=lines.append)
+    assert len(lines) == 3 * 2  # 40 images in batches of 16, 16, 8; two probes each
+    assert lines[0].startswith("eval: 20% (images 1-16 of 40, probe 1 of 2), ")
+    assert lines[3].startswith("eval: 80% (images 17-32 of 40, probe 2 of 2), ")
+    assert lines[-1].startswith("eval: 100% (images 33-40 of 40, probe 2 of 2), ")
+    assert f"{result.bits_per_dim:.4f} bits/dim so far" in lines[-1]
+    assert "0 s to go" in lines[-1]

@@ -356,3 +356,42 @@ def test_keep_best_needs_validation():
     with pytest.raises(ConfigError, match="val_points"):
         train(small_model(), blob_sampler, TrainConfig(iters=5, keep_best=True),
               progress=False)
+
+
+def test_spike_watch_flags_a_jump_and_nothing_in_stationary_or_falling_losses():
+    from flowlab.train.loop import SpikeWatch
+
+    gen = torch.Generator().manual_seed(0)
+    watch = SpikeWatch()
+    noise = (3.0 + 0.1 * torch.randn(20000, generator=gen)).tolist()
+    assert [z for z in map(watch, noise) if z is not None] == []
+    # 30 moving s.d. above: flagged, with its distance; and kept out of the averages, so a run
+    # stuck up there keeps being flagged
+    for _ in range(50):
+        z = watch(3.0 + 3.0)
+        assert z is not None and 25 < z < 35, z
+    assert watch.mean == pytest.approx(3.0, abs=0.01)
+    # a falling loss, however fast, is progress
+    falling = SpikeWatch()
+    assert all(falling(1000.0 * 0.97 ** k) is None for k in range(500))
+
+
+def test_a_loss_spike_in_training_is_warned_of_and_logged(tmp_path):
+    """A finite jump of the loss (the data suddenly thirty times wider) is no fault for
+    on_nonfinite, but the loop says so with the step and the fix, and marks it in the log."""
+
+    def widening(n, gen):
+        x = blob_sampler(n, gen)
+        widening.calls += 1
+        return x * 30 if widening.calls > 151 else x  # the first batch is drawn twice
+
+    widening.calls = 0
+    torch.manual_seed(0)
+    model = build_model("maf", dim=2)
+    config = TrainConfig(iters=160, batch_size=64, lr=1e-3, log_every=1, val_every=0)
+    with pytest.warns(UserWarning, match=r"step 151: the training loss .* s\.d\. above its "
+                                         r"recent mean .*--grad-clip"):
+        train(model, widening, config, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / ckpt.LOG).read_text().splitlines()]
+    flagged = [r["step"] for r in records if "loss_spike" in r]
+    assert flagged == list(range(151, 161)), flagged

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -123,7 +124,8 @@ def score_is_stochastic(model, task, divergence: str | None = None, solver=None)
 
 def evaluate_bits_per_dim(model, task, test, *, n_test: int | None = None,
                           batch_size: int = 500, solver=None, divergence: str | None = None,
-                          probes: int = 1, dtype: torch.dtype = torch.float64) -> BPDResult:
+                          probes: int = 1, dtype: torch.dtype = torch.float64,
+                          progress: Callable[[str], None] | None = None) -> BPDResult:
     """Bits/dim of ``test`` (an :class:`~flowlab.data.images.ImageData`) under ``model``.
 
     ``task`` is the :class:`~flowlab.data.image_task.ImageTask` the model was trained on (its
@@ -132,6 +134,8 @@ def evaluate_bits_per_dim(model, task, test, *, n_test: int | None = None,
     ``divergence`` as in :func:`~flowlab.eval.nll.evaluate_nll`. ``probes``: independent
     scores averaged per image when the score is stochastic (Hutchinson divergence, variational
     dequantization; see the module docstring); a deterministic score takes only 1.
+    ``progress`` is called with a line after each batch of images and probe (an evaluation by
+    the ODE can take many minutes).
     """
     probes = _check_probes(probes)
     dequantization = _dequantization(model, task)
@@ -160,7 +164,7 @@ def evaluate_bits_per_dim(model, task, test, *, n_test: int | None = None,
     model.eval()
     generator = torch.Generator().manual_seed(TEST_SEED)  # uniform dequantization noise
     probe_generator = torch.Generator(device=ref.device).manual_seed(TEST_SEED)
-    values, nfes = [], []
+    values, nfes, done = [], [], 0.0
     start = time.perf_counter()
     try:
         with torch.no_grad():
@@ -178,6 +182,17 @@ def evaluate_bits_per_dim(model, task, test, *, n_test: int | None = None,
                         logp = model.log_prob(y)
                     scores.append(-(logp.double().cpu() + ldj.double())
                                   / (task.dim * math.log(2)))
+                    if progress is not None:
+                        done += len(chunk) / probes
+                        so_far = torch.cat([v.mean(dim=1) for v in
+                                            [*values, torch.stack(scores, dim=1)]])
+                        elapsed = time.perf_counter() - start
+                        first = sum(len(v) for v in values)
+                        progress(f"eval: {100 * done / len(images):.0f}% (images {first + 1}-"
+                                 f"{first + len(chunk)} of {len(images)}, probe {len(scores)} "
+                                 f"of {probes}), {so_far.mean():.4f} bits/dim so far, "
+                                 f"{elapsed:.0f} s, about "
+                                 f"{elapsed * (len(images) / done - 1):.0f} s to go")
                 values.append(torch.stack(scores, dim=1))
     finally:
         model.train(was_training)
