@@ -12,7 +12,7 @@ H = 2.5  # a made-up entropy for the fake cells
 
 
 def fake_cell(method, dataset, gap, kl_se=0.002, steps=100, train_seconds=10.0,
-              eval_seconds=2.0, sample_seconds=0.5, parameters=1000):
+              eval_seconds=2.0, sample_seconds=0.5, parameters=1000, seed=0):
     evaluation = {"entropy_nats": H, "nll_nats": H + gap, "nll_se": 0.005, "gap_nats": gap,
                   "kl_nats": gap + 0.001, "kl_se": kl_se, "n_test": 20_000,
                   "seconds": eval_seconds, "dtype": "float64", "nfe": None}
@@ -20,12 +20,13 @@ def fake_cell(method, dataset, gap, kl_se=0.002, steps=100, train_seconds=10.0,
                 "batch_size": 512, "sample_n": 10_000, "sample_seconds": sample_seconds,
                 "sample_seconds_all": [sample_seconds] * 3, "samples_finite": True,
                 "versions": {"torch": "test"}}
-    return df.make_cell(method, dataset, 300.0, evaluation, measured, wall=400.0, jobs=2)
+    return df.make_cell(method, dataset, 300.0, evaluation, measured, wall=400.0, jobs=2,
+                        seed=seed)
 
 
 def write_cells(runs: Path, cells: list[dict]) -> None:
     for cell in cells:
-        folder = runs / cell["dataset"] / cell["method"]
+        folder = df.cell_folder(runs, cell["dataset"], cell["method"], cell.get("seed", 0))
         folder.mkdir(parents=True)
         (folder / df.CELL).write_text(json.dumps(cell))
 
@@ -156,7 +157,7 @@ def test_tiny_cells_end_to_end(tmp_path):
 
 def test_a_failing_step_gives_a_failed_cell(tmp_path, monkeypatch):
     py = sys.executable
-    monkeypatch.setattr(df, "cell_commands", lambda method, name, seconds, cell_dir: [
+    monkeypatch.setattr(df, "cell_commands", lambda method, name, seconds, cell_dir, seed: [
         [py, "-c", "print('starting')"],
         [py, "-c", "import sys; print('step 3: the training loss is nan', file=sys.stderr); "
                    "sys.exit(2)"],
@@ -171,3 +172,57 @@ def test_a_failing_step_gives_a_failed_cell(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="exit code -9"):
         df.run_cell("maf", "moons", 1.0, tmp_path, 1)
     assert not (tmp_path / "moons" / "maf" / df.CELL).exists()  # to be run again
+
+
+def test_training_seeds_decide_no_worse_by_their_scatter(tmp_path):
+    """Seed 0 alone: maf trails zuko-maf by 0.004 nats with a paired s.e. of 0.0014, a fail.
+    With three seeds each, the per-seed differences (+0.004, -0.003, +0.002) scatter far more
+    than the test sample's noise, and their mean (+0.001 ± 0.0021) is no worse; a peer that is
+    better at every seed (differences +0.010, +0.012, +0.011) still fails."""
+    runs = tmp_path / "runs"
+    first = [fake_cell("maf", "moons", 0.014, kl_se=0.001),
+             fake_cell("zuko-maf", "moons", 0.010, kl_se=0.001),
+             fake_cell("nflows-maf", "moons", 0.004, kl_se=0.001)]
+    write_cells(runs, first)
+    alone = {i["peer"]: i for i in df.peer_verdict(df.load_cells(runs), ("maf",),
+                                                    ("zuko-maf", "nflows-maf"), ["moons"])["items"]}
+    assert alone["zuko-maf"]["pass"] is False and "seeds" not in alone["zuko-maf"]
+    write_cells(runs, [fake_cell("maf", "moons", 0.012, seed=1),
+                       fake_cell("zuko-maf", "moons", 0.015, seed=1),
+                       fake_cell("nflows-maf", "moons", 0.000, seed=1),
+                       fake_cell("maf", "moons", 0.016, seed=2),
+                       fake_cell("zuko-maf", "moons", 0.014, seed=2),
+                       fake_cell("nflows-maf", "moons", 0.005, seed=2)])
+    assert (runs / "moons" / "maf" / "seed-2" / df.CELL).is_file()
+    cells = df.load_cells(runs)
+    assert len(cells) == 3  # the tables show seed 0
+    assert cells[("moons", "maf")]["seed_gaps"] == {0: 0.014, 1: 0.012, 2: 0.016}
+    verdict = df.peer_verdict(cells, ("maf",), ("zuko-maf", "nflows-maf"), ["moons"])
+    items = {i["peer"]: i for i in verdict["items"]}
+    zuko = items["zuko-maf"]
+    assert zuko["seeds"] == 3 and zuko["pass"] is True
+    assert zuko["diff"] == pytest.approx(0.001)
+    assert zuko["diff_se"] == pytest.approx(0.0036056 / 3 ** 0.5, rel=1e-4)
+    assert zuko["gap"] == pytest.approx(0.014) and zuko["peer_gap"] == pytest.approx(0.013)
+    assert items["nflows-maf"]["pass"] is False and items["nflows-maf"]["diff"] == \
+        pytest.approx(0.011)
+    assert verdict["status"] == "fail"
+    text = df._verdict_item_text(zuko)
+    assert text.startswith("moons, maf vs zuko-maf, mean of 3 training seeds: gap +0.0140 vs "
+                           "+0.0130 nats, difference +0.0010 ± 0.0021 (s.e. over seeds; pass)")
+    section = "\n".join(df.seeds_section(cells))
+    assert "| moons | maf | 0, 1, 2 | +0.0140, +0.0120, +0.0160 | +0.0140 ± 0.0012 | 0.0020 |" \
+        in section
+    assert df.seeds_section(df.load_cells(tmp_path / "none")) == []
+
+
+def test_a_seed_cell_trains_with_its_seed(tmp_path):
+    cell_dir = df.cell_folder(tmp_path, "moons", "maf", 2)
+    assert cell_dir == tmp_path / "moons" / "maf" / "seed-2"
+    train = df.cell_commands("maf", "moons", 5.0, cell_dir, 2)[0]
+    assert train[-2:] == ["--seed", "2"] and str(cell_dir / df.RUN) in train
+    peer = df.cell_commands("zuko-maf", "moons", 5.0, cell_dir, 2)[0]
+    assert peer[-2:] == ["--seed", "2"]
+    assert "--seed" not in df.cell_commands("maf", "moons", 5.0, tmp_path, 0)[0]
+    with pytest.raises(SystemExit):
+        df.main(["--seeds", "a,b", "--runs", str(tmp_path)])
