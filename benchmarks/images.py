@@ -52,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -85,6 +86,7 @@ CELL, MEASURE, OUTPUT, RUN = "cell.json", "measure.json", "output.txt", "run"
 TRAIN_OUTPUT = "train_output.txt"  # the training's output, kept when --no-train evaluates again
 N_SAMPLES, SAMPLE_REPEATS = 64, 3
 PICTURES = ("interpolations.png", "flow.gif")
+LAYOUT_WORDS = {"image": "as images (C, H, W)", "flat": "as flattened pixel vectors"}
 
 
 def picture_name(data: str, name: str, method: str) -> str:
@@ -302,12 +304,19 @@ def report(cells: dict, data: str, command: str, figure: str | None,
     budgets = sorted({c["budget"] for c in cells.values()})
     machines = sorted({c.get("machine", "?") for c in cells.values()})
     threads = sorted({c.get("threads", 1) for c in cells.values()})
-    task = ok[0]["task"] if ok else data
+    task = re.sub(r", (flat|image) layout", "", ok[0]["task"]) if ok else data
+    layouts: dict[str, list[str]] = {}
+    for c in ok:  # each model sees the images in its own layout
+        found = re.search(r"(flat|image) layout", c.get("task", ""))
+        layouts.setdefault(found.group(1) if found else "?", []).append(c["method"])
+    layout_text = "; ".join(f"{LAYOUT_WORDS.get(k, k)}: {', '.join(v)}"
+                            for k, v in sorted(layouts.items()))
     return "\n".join([
         f"# Image models on {data} at a fixed budget",
         "",
         f"Command: `{command}`  ",
         f"Data: {task}.  ",
+        *([f"Layout: {layout_text}.  "] if layout_text else []),
         f"Machine: {'; '.join(machines)}; {'/'.join(map(str, threads))} torch thread(s) per "
         "process.  ",
         f"Budget: {', '.join(f'{b:g}' for b in budgets)} s of training clock per method "

@@ -87,3 +87,15 @@ def test_report_lists_each_command_and_the_pictures_that_exist(tmp_path):
     assert "images_digits_flow_cfm-unet.gif" in text
     assert "interpolations maf" not in text  # no picture, no link
     assert "`cfm-unet` (2.0000) beats the best discrete baseline `maf`" in text
+
+
+def test_report_names_each_models_layout_once_not_the_first_cells():
+    task = "digits (1,350 training images of 1x8x8, 17 levels, uniform dequantization, {} layout)"
+    cells = {"maf": _cell("maf", 2.5, task=task.format("flat")),
+             "glow": _cell("glow", 2.1, task=task.format("image")),
+             "cfm-unet": _cell("cfm-unet", 1.9, task=task.format("image"))}
+    text = im.report(cells, "digits", "python benchmarks/images.py", None)
+    assert ("Data: digits (1,350 training images of 1x8x8, 17 levels, uniform "
+            "dequantization).") in text
+    assert ("Layout: as flattened pixel vectors: maf; as images (C, H, W): cfm-unet, glow."
+            in text)
