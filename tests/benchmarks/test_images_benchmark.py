@@ -29,6 +29,14 @@ def test_train_args_come_after_the_method_options_and_win():
     assert _value(argv, "--lr") == "1e-3" and _value(argv, "--seconds") == "60.0"
     plain = im.train_options("cfm-unet", _args(), Path("run"), 2)
     assert "--batch-size" not in plain and _value(plain, "--threads") == "2"
+    assert _value(plain, "--val-every") == "40"  # the common model selection
+
+
+def test_a_methods_own_validation_frequency_beats_the_common_one():
+    argv = im.train_options("maf", _args(), Path("run"), 1)
+    assert "--keep-best" in argv and _value(argv, "--val-every") == "400"
+    assert _value(im.train_options("maf", _args(train_args="--val-every 7"), Path("run"), 1),
+                  "--val-every") == "7"
 
 
 def test_no_keep_best_drops_the_model_selection():

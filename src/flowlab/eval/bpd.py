@@ -192,7 +192,7 @@ def evaluate_bits_per_dim(model, task, test, *, n_test: int | None = None,
                                  f"{first + len(chunk)} of {len(images)}, probe {len(scores)} "
                                  f"of {probes}), {so_far.mean():.4f} bits/dim so far, "
                                  f"{elapsed:.0f} s, about "
-                                 f"{elapsed * (len(images) / done - 1):.0f} s to go")
+                                 f"{max(0.0, elapsed * (len(images) / done - 1)):.0f} s to go")
                 values.append(torch.stack(scores, dim=1))
     finally:
         model.train(was_training)
