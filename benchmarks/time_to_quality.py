@@ -263,6 +263,11 @@ def summarize(cells: dict[tuple[str, str], dict], budgets: tuple[float, ...]) ->
             )
         flowlab_times = [reach[m] for m in FLOWLAB_METHODS if m != "ffjord" and reach.get(m)]
         best = min(flowlab_times) if flowlab_times else None
+        # the nearest any other flowlab CNF came to FFJORD's final quality, and when
+        closest = min(((r["kl_nats"], r["seconds"], m) for m in FLOWLAB_METHODS
+                       if m != "ffjord" and m in row_cells
+                       for r in row_cells[m]["snapshots"] if r.get("kl_nats") is not None),
+                      default=None)
         zuko = row_cells.get("zuko")
         beats_zuko = None
         if zuko is not None:
@@ -273,11 +278,36 @@ def summarize(cells: dict[tuple[str, str], dict], budgets: tuple[float, ...]) ->
                 for b in budgets if _at(zuko, b)
             )
         verdicts[name] = {
+            "ffjord_kl": ref_kl,
             "best_time_to_ffjord_quality": best,
             "speedup": (budgets[-1] / best) if best else None,
+            "closest": None if closest is None else {
+                "kl_nats": closest[0], "seconds": closest[1], "method": closest[2]},
             "smaller_gap_than_zuko_at_every_budget": beats_zuko,
         }
     return "\n".join(lines), verdicts
+
+
+def verdict_line(name: str, verdict: dict, budget: float) -> str:
+    """One dataset's verdict on the targets of issue 3, in words."""
+    quality = f"FFJORD's {budget:.0f}-s paired KL"
+    if verdict.get("ffjord_kl") is not None:
+        quality += f" ({verdict['ffjord_kl']:.4f} nats)"
+    if verdict["best_time_to_ffjord_quality"] is not None:
+        text = (f"the best flowlab CNF other than FFJORD reaches {quality} at "
+                f"{verdict['best_time_to_ffjord_quality']:.0f} s "
+                f"({verdict['speedup']:.0f}x sooner)")
+    elif verdict.get("ffjord_kl") is None:
+        text = f"no ffjord run at {budget:.0f} s to compare with"
+    else:
+        closest = verdict.get("closest")
+        text = f"no other flowlab CNF reaches {quality} in the runs made" + (
+            "" if closest is None else f" (closest: {closest['method']}, "
+            f"{closest['kl_nats']:.4f} nats at {closest['seconds']:.0f} s)")
+    beats = verdict["smaller_gap_than_zuko_at_every_budget"]
+    if beats is not None:
+        text += f"; smaller gap than zuko at every budget: {'yes' if beats else 'no'}"
+    return f"- {name}: {text}"
 
 
 def sampling_table(cells: dict[tuple[str, str], dict]) -> str:
@@ -432,15 +462,7 @@ def main() -> None:
     plot_densities(cells, args.results)
     machine = (f"{platform.machine()}, {platform.processor() or 'cpu'}, Python "
                f"{platform.python_version()}, {args.jobs} run(s) at a time, one thread each")
-    verdict_lines = "\n".join(
-        f"- {n}: best flowlab CNF (not ffjord) reaches FFJORD@{budgets[-1]:.0f}s paired KL at "
-        f"{_fmt(v['best_time_to_ffjord_quality'], '.0f', 'never')} s"
-        + (f" ({v['speedup']:.0f}x sooner)" if v["speedup"] else "")
-        + ("" if v["smaller_gap_than_zuko_at_every_budget"] is None else
-           f"; smaller gap than zuko at every budget: "
-           f"{'yes' if v['smaller_gap_than_zuko_at_every_budget'] else 'no'}")
-        for n, v in verdicts.items()
-    )
+    verdict_lines = "\n".join(verdict_line(n, v, budgets[-1]) for n, v in verdicts.items())
     command = "python benchmarks/time_to_quality.py " + " ".join(
         a for a in sys.argv[1:] if a != "--table-only")
     text = (

@@ -386,7 +386,7 @@ class SpikeWatch:
     """Flags a training loss far above its recent level: a loss spike. Such a loss is finite,
     so it is no fault for ``on_nonfinite``, and most spikes pass within a few steps; but a run
     can also jump there and stay (a Glow on MNIST went from -1,234 to +110,866 nats per image
-    in one step at lr 1e-3 without clipping, and never came back). The recent level is an
+    around step 1,100 at lr 1e-3 without clipping, and never came back). The recent level is an
     exponential moving mean and variance of the losses (decay ``decay``); after ``warmup``
     losses, one more than ``z`` moving s.d. above the mean is a spike, and is kept out of the
     averages so that a run stuck up there keeps being flagged. A falling loss is never

@@ -1,0 +1,71 @@
+"""The time-to-quality benchmark's table and verdicts, from made-up cells (no training)."""
+
+import pytest
+from benchload import load_benchmark
+
+ttq = load_benchmark("time_to_quality.py", "time_to_quality_under_test")
+BUDGETS = (60.0, 180.0, 600.0)
+
+
+def _cell(method: str, name: str, kls: dict[float, float], at: tuple[float, ...] = BUDGETS):
+    """A finished cell whose snapshots at the given training times have these paired KLs (the
+    gap is made equal to the KL; a snapshot is 'at' a budget when its time is one)."""
+    snapshots = [{"seconds": t, "at": t if t in at else None, "step": int(10 * t),
+                  "gap_nats": kl, "nll_se": 0.005, "kl_nats": kl, "nfe": 100}
+                 for t, kl in sorted(kls.items())]
+    return {"method": method, "dataset": name, "snapshots": snapshots, "sampling": []}
+
+
+def _cells():
+    return {
+        # rings: ot-cfm passes FFJORD's final KL (0.40) at 60 s: 10x sooner
+        ("rings", "ffjord"): _cell("ffjord", "rings", {60.0: 0.76, 180.0: 0.52, 600.0: 0.40}),
+        ("rings", "ot-cfm"): _cell("ot-cfm", "rings", {30.0: 0.5, 60.0: 0.36, 180.0: 0.12,
+                                                       600.0: 0.016}),
+        ("rings", "zuko"): _cell("zuko", "rings", {60.0: 0.93, 180.0: 0.70, 600.0: 0.68}),
+        # 8gaussians: FFJORD ends at 0.0014 and the 60-s flow-matching run stops at 0.0061
+        ("8gaussians", "ffjord"): _cell("ffjord", "8gaussians",
+                                        {60.0: 0.18, 180.0: 0.014, 600.0: 0.0014}),
+        ("8gaussians", "ot-cfm-fourier-60s"): _cell("ot-cfm-fourier-60s", "8gaussians",
+                                                    {10.0: 0.06, 45.0: 0.015, 60.0: 0.0061},
+                                                    at=(60.0,)),
+        ("8gaussians", "zuko"): _cell("zuko", "8gaussians",
+                                      {60.0: 0.078, 180.0: 0.046, 600.0: 0.0053}),
+    }
+
+
+def test_speedup_and_zuko_verdicts():
+    _, verdicts = ttq.summarize(_cells(), BUDGETS)
+    rings = verdicts["rings"]
+    assert rings["ffjord_kl"] == 0.40 and rings["best_time_to_ffjord_quality"] == 60.0
+    assert rings["speedup"] == pytest.approx(10.0)
+    assert rings["smaller_gap_than_zuko_at_every_budget"] is True
+    line = ttq.verdict_line("rings", rings, 600.0)
+    assert line == ("- rings: the best flowlab CNF other than FFJORD reaches FFJORD's 600-s "
+                    "paired KL (0.4000 nats) at 60 s (10x sooner); smaller gap than zuko at "
+                    "every budget: yes")
+
+
+def test_a_quality_never_reached_is_said_in_words_with_the_closest_run():
+    _, verdicts = ttq.summarize(_cells(), BUDGETS)
+    gauss = verdicts["8gaussians"]
+    assert gauss["best_time_to_ffjord_quality"] is None and gauss["speedup"] is None
+    assert gauss["closest"] == {"kl_nats": 0.0061, "seconds": 60.0,
+                                "method": "ot-cfm-fourier-60s"}
+    # at 60 s flow matching (0.0061) is below zuko (0.078); at 180 and 600 s only ffjord ran
+    assert gauss["smaller_gap_than_zuko_at_every_budget"] is True
+    line = ttq.verdict_line("8gaussians", gauss, 600.0)
+    assert line == ("- 8gaussians: no other flowlab CNF reaches FFJORD's 600-s paired KL "
+                    "(0.0014 nats) in the runs made (closest: ot-cfm-fourier-60s, 0.0061 nats "
+                    "at 60 s); smaller gap than zuko at every budget: yes")
+    assert "never s" not in line
+
+
+def test_table_rows_show_the_budgets_and_the_time_to_quality():
+    table, _ = ttq.summarize(_cells(), BUDGETS)
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines()}
+    ot = rows[("rings", "ot-cfm")]
+    assert "+0.360 ± 0.005 | +0.120 ± 0.005 | +0.016 ± 0.005" in ot
+    assert "| 0.0160 | " in ot  # KL at 600 s
+    fast = rows[("8gaussians", "ot-cfm-fourier-60s")]
+    assert "+0.006 ± 0.005 | - | -" in fast and "| > budget |" in fast
