@@ -32,11 +32,15 @@ def test_train_args_come_after_the_method_options_and_win():
     assert _value(plain, "--val-every") == "40"  # the common model selection
 
 
-def test_a_methods_own_validation_frequency_beats_the_common_one():
-    argv = im.train_options("maf", _args(), Path("run"), 1)
+def test_discrete_flows_validate_often_on_digits_only():
+    argv = im.train_options("maf", _args(data="digits", data_dir=None), Path("run"), 1)
     assert "--keep-best" in argv and _value(argv, "--val-every") == "400"
-    assert _value(im.train_options("maf", _args(train_args="--val-every 7"), Path("run"), 1),
-                  "--val-every") == "7"
+    assert _value(im.train_options("glow", _args(data="digits", data_dir=None,
+                                                 train_args="--val-every 7"), Path("run"), 1),
+                  "--val-every") == "7"  # --train-args still win
+    assert _value(im.train_options("glow", _args(), Path("run"), 1), "--val-every") == "40"
+    assert _value(im.train_options("cfm-unet", _args(data="digits", data_dir=None),
+                                   Path("run"), 1), "--val-every") == "40"
 
 
 def test_no_keep_best_drops_the_model_selection():
