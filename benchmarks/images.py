@@ -223,7 +223,11 @@ def run_cell(method: str, args: argparse.Namespace, threads: int) -> dict[str, A
                      if not args.no_train else earlier_training(cell_dir))
     for name in (CELL, MEASURE):
         (cell_dir / name).unlink(missing_ok=True)
-    base = {"method": method, "dataset": args.data, "budget": args.seconds,
+    budget = args.seconds
+    if args.no_train:  # the budget the run was trained with, not this invocation's --seconds
+        config = json.loads((cell_dir / RUN / "config.json").read_text())
+        budget = config.get("train", {}).get("seconds") or budget
+    base = {"method": method, "dataset": args.data, "budget": budget,
             "jobs": args.jobs, "threads": threads, "machine": machine_line(),
             "train_command": train_command, "eval_args": args.eval_args}
     start = time.perf_counter()
@@ -302,10 +306,15 @@ def verdict(cells: dict) -> str:
     se = math.hypot(best["bpd_se"], rival["bpd_se"])
     word = ("beats" if diff < -2 * se else "loses to" if diff > 2 * se
             else "is within 2 s.e. of")
+    if best["n_test"] == rival["n_test"]:
+        caveat = "the images are the same, so this errs on the lenient side"
+    else:
+        caveat = (f"scored on different test images, {best['n_test']:,} and "
+                  f"{rival['n_test']:,}: not a paired comparison")
     return (f"Best CNF `{best['method']}` ({best['bits_per_dim']:.4f}) {word} the best "
             f"discrete baseline `{rival['method']}` ({rival['bits_per_dim']:.4f}): difference "
             f"{diff:+.4f} ± {se:.4f} bits/dim (s.e.s over images combined in quadrature; "
-            "the images are the same, so this errs on the lenient side).")
+            f"{caveat}).")
 
 
 def report(cells: dict, data: str, command: str, figure: str | None,

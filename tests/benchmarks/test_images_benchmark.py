@@ -111,3 +111,13 @@ def test_report_names_each_models_layout_once_not_the_first_cells():
             "dequantization).") in text
     assert ("Layout: as flattened pixel vectors: maf; as images (C, H, W): cfm-unet, glow."
             in text)
+
+
+def test_verdict_says_when_the_test_images_differ():
+    same = {"glow": _cell("glow", 1.60), "cfm-unet": _cell("cfm-unet", 1.38)}
+    assert "the images are the same" in im.verdict(same)
+    subset = {"glow": _cell("glow", 1.60, n_test=10_000, n_total=10_000),
+              "cfm-unet": _cell("cfm-unet", 1.38, n_test=128, n_total=10_000)}
+    text = im.verdict(subset)
+    assert "scored on different test images, 128 and 10,000: not a paired comparison" in text
+    assert "the images are the same" not in text
