@@ -365,12 +365,13 @@ def peer_verdict(cells: dict, ours: tuple[str, ...], peers: tuple[str, ...],
                 else:
                     seeds = sorted(set(mine["seed_gaps"]) & set(theirs["seed_gaps"]))
                     if len(seeds) >= MIN_SEEDS:
-                        diffs = [mine["seed_gaps"][s] - theirs["seed_gaps"][s] for s in seeds]
+                        mine_gaps = [mine["seed_gaps"][s] for s in seeds]
+                        peer_gaps = [theirs["seed_gaps"][s] for s in seeds]
+                        diffs = [a - b for a, b in zip(mine_gaps, peer_gaps, strict=True)]
                         diff = statistics.fmean(diffs)
                         se = statistics.stdev(diffs) / math.sqrt(len(seeds))
-                        item.update(seeds=len(seeds), gap=statistics.fmean(
-                            mine["seed_gaps"][s] for s in seeds), peer_gap=statistics.fmean(
-                            theirs["seed_gaps"][s] for s in seeds))
+                        item.update(seeds=len(seeds), gap=statistics.fmean(mine_gaps),
+                                    peer_gap=statistics.fmean(peer_gaps))
                     else:
                         diff = mine["gap_nats"] - theirs["gap_nats"]
                         se = math.hypot(mine["kl_se"], theirs["kl_se"])

@@ -82,13 +82,13 @@ METHODS = {
 # steps (MAF, validated 40 times in 900 s, chose its first validation, at step 2,580, and
 # scored 2.78 bits/dim; validated 400 times, 2.31; RealNVP and Glow chose their first
 # validation too), and validating their 150 images costs next to nothing: there they validate
-# 400 times. (On MNIST a validation of Glow takes seconds, and 400 of them would outlast the
-# training.)
+# FREQUENT_VALIDATIONS times. (On MNIST a validation of Glow takes seconds, and 400 of them
+# would outlast the training.)
 FREQUENT_VALIDATION = {"digits": {"maf", "realnvp", "glow"}}
 # Every method keeps its best validation weights (the small image sets are overfitted within
-# minutes: MAF on digits within 10 s) and validates often enough for that to matter; a
-# method's own --val-every comes after these and wins.
-COMMON = ["--keep-best", "--val-every", "40"]
+# minutes: MAF on digits within 10 s) and validates often enough for that to matter: this many
+# times over its budget, or FREQUENT_VALIDATIONS times where FREQUENT_VALIDATION says so.
+VALIDATIONS, FREQUENT_VALIDATIONS = 40, 400
 BASELINES = ("realnvp", "glow", "maf")  # the discrete flows a CNF has to beat
 CELL, MEASURE, OUTPUT, RUN = "cell.json", "measure.json", "output.txt", "run"
 TRAIN_OUTPUT = "train_output.txt"  # the training's output, kept when --no-train evaluates again
@@ -107,9 +107,11 @@ def train_options(method: str, args: argparse.Namespace, run: Path, threads: int
     """``flowlab train ...`` of one cell: the model selection (unless ``--no-keep-best``), the
     method's options, then ``--train-args`` (later options win)."""
     data = ["--data", args.data] + (["--data-dir", str(args.data_dir)] if args.data_dir else [])
-    selection = [] if args.no_keep_best else COMMON
-    if not args.no_keep_best and method in FREQUENT_VALIDATION.get(args.data, ()):
-        selection = [*selection, "--val-every", "400"]
+    selection = []
+    if not args.no_keep_best:
+        often = method in FREQUENT_VALIDATION.get(args.data, ())
+        selection = ["--keep-best", "--val-every",
+                     str(FREQUENT_VALIDATIONS if often else VALIDATIONS)]
     return ["train", *data, *selection, *METHODS[method], *shlex.split(args.train_args or ""),
             "--seconds", str(args.seconds), "--out", str(run), "--force", "--no-progress",
             "--threads", str(threads)]

@@ -472,7 +472,7 @@ def validation_nll(model: DensityModel, points: torch.Tensor, batch_size: int | 
         raise ConfigError("validation_nll cannot be abandoned under torch.distributed (the "
                           "ranks reduce their sums together): pass stop=None")
     shard = points[ranks.rank::ranks.world_size]
-    size = len(shard) if batch_size is None else max(int(batch_size), 1)
+    size = max(int(batch_size or len(shard)), 1)  # an empty shard: no chunk, a sum of 0
     was_training = model.training
     model.eval()
     solver = getattr(model, "solver", None)
