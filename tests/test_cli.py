@@ -185,6 +185,21 @@ def test_cfm_model_fine_tuned_by_maximum_likelihood(tmp_path, capsys):
     assert "trained on 'moons'" in capsys.readouterr().err
 
 
+def test_fixed_step_maximum_likelihood_training_warns_that_its_loss_is_not_exact(tmp_path,
+                                                                                capsys):
+    common = ["--data", "moons", "--iters", "2", "--hidden", "8,8", "--batch-size", "32",
+              "--no-progress"]
+    assert main(["train", "--model", "ffjord", "--solver", "rk4", "--steps", "4", "--out",
+                 str(tmp_path / "rk4"), *common]) == 0
+    err = capsys.readouterr().err
+    assert "fixed-step solver rk4" in err and "--keep-best" in err
+    # adaptive ML training, and flow matching (which solves no ODE in training), do not warn
+    assert main(["train", "--model", "ffjord", "--out", str(tmp_path / "dopri5"), *common]) == 0
+    assert main(["train", "--model", "cfm", "--solver", "rk4", "--steps", "4", "--out",
+                 str(tmp_path / "cfm"), *common]) == 0
+    assert "fixed-step" not in capsys.readouterr().err
+
+
 def test_reflow_trains_on_teacher_pairs_and_resumes(tmp_path, capsys):
     """Rectified flow: the pairs are the teacher's own (noise -> sample) map, and training on
     them keeps the student close to the teacher's density."""

@@ -353,7 +353,7 @@ def _flow_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str,
 
 def _model_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str, Any]:
     from flowlab.models import FAMILIES
-    from flowlab.ode import SolverConfig
+    from flowlab.ode import FIXED_GRID_SOLVERS, SolverConfig
 
     if args.model in FAMILIES:
         return _flow_options(args, shape)
@@ -388,6 +388,14 @@ def _model_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str
         options.update(image_shape=list(shape), field=field)
         if args.activation == "tanh" and field == "conv":
             options["activation"] = "softplus"  # FFJORD's choice for images
+    if args.model != "cfm" and solver.solver in FIXED_GRID_SOLVERS:
+        warnings.warn(
+            f"maximum-likelihood training with the fixed-step solver {solver.solver} fits the "
+            f"likelihood of the discretized flow, which can fall below the exact one while the "
+            f"exact likelihood gets worse (measured on 8gaussians: rk4 with 2 steps trained to "
+            f"2.50 nats against H = 2.83, exact NLL 4.1). Validation (--val-every), flowlab eval "
+            f"and sampling use the adaptive solver; watch val_nll, use --keep-best, and prefer "
+            f"at least rk4 with 4 steps", stacklevel=2)
     if args.model == "cfm":
         # The path fixes the flow: one block on [0, 1]; no ODE is solved in training.
         options.update(num_blocks=1, T=1.0, train_T=False, path=args.path,

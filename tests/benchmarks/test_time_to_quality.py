@@ -69,3 +69,29 @@ def test_table_rows_show_the_budgets_and_the_time_to_quality():
     assert "| 0.0160 | " in ot  # KL at 600 s
     fast = rows[("8gaussians", "ot-cfm-fourier-60s")]
     assert "+0.006 ± 0.005 | - | -" in fast and "| > budget |" in fast
+
+
+def _write_snapshots(folder, entries):
+    import json
+
+    (folder / "snapshots").mkdir(parents=True)
+    (folder / "snapshots" / "snapshots.json").write_text(json.dumps(
+        [{"at": at, "file": f"t{at:05.0f}.safetensors", "seconds": at + 0.01, "step": step}
+         for at, step in entries]))
+
+
+def test_a_pretrained_cell_joins_its_two_parts_on_one_clock(tmp_path):
+    split = ttq.PRETRAIN["ot-cfm-ml"][0]
+    _write_snapshots(tmp_path / "pretrain", [(10.0, 900), (20.0, 1800), (split, 2700)])
+    _write_snapshots(tmp_path / "finetune", [(15.0, 200), (60.0 - split, 410)])
+    index = ttq._snapshot_index(tmp_path, "ot-cfm-ml")
+    assert [e["at"] for e in index] == [10.0, 20.0, split, split + 15.0, 60.0]
+    assert [e["step"] for e in index] == [900, 1800, 2700, 2900, 3110]
+    assert [e["dir"] for e in index] == ["pretrain"] * 3 + ["finetune"] * 2
+    assert index[-1]["seconds"] == pytest.approx(split + 0.01 + 30.01)
+    assert index[-1]["file"] == f"t{60.0 - split:05.0f}.safetensors"
+    # a one-part cell reads its own folder
+    _write_snapshots(tmp_path / "plain", [(60.0, 5000)])
+    assert ttq._snapshot_index(tmp_path / "plain", "ot-cfm")[0]["dir"] == ""
+    with pytest.raises(SystemExit, match="no snapshots.json"):
+        ttq._snapshot_index(tmp_path / "missing", "ot-cfm")
