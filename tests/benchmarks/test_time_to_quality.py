@@ -11,7 +11,8 @@ def _cell(method: str, name: str, kls: dict[float, float], at: tuple[float, ...]
     """A finished cell whose snapshots at the given training times have these paired KLs (the
     gap is made equal to the KL; a snapshot is 'at' a budget when its time is one)."""
     snapshots = [{"seconds": t, "at": t if t in at else None, "step": int(10 * t),
-                  "gap_nats": kl, "nll_se": 0.005, "kl_nats": kl, "nfe": 100}
+                  "gap_nats": kl, "nll_se": 0.005, "kl_nats": kl, "nfe": 100,
+                  "full": t in at or t == max(kls)}
                  for t, kl in sorted(kls.items())]
     return {"method": method, "dataset": name, "snapshots": snapshots, "sampling": []}
 
@@ -59,6 +60,22 @@ def test_a_quality_never_reached_is_said_in_words_with_the_closest_run():
                     "(0.0014 nats) in the runs made (closest: ot-cfm-fourier-60s, 0.0061 nats "
                     "at 60 s); smaller gap than zuko at every budget: yes")
     assert "never s" not in line
+
+
+def test_a_noisy_snapshot_off_the_budgets_does_not_count_as_reaching_ffjords_quality():
+    cells = _cells()
+    # a 2,000-point evaluation at 45 s that happens to fall below FFJORD's final KL
+    cells[("8gaussians", "ot-cfm-ml")] = _cell("ot-cfm-ml", "8gaussians",
+                                               {30.0: 0.03, 45.0: 0.0010, 60.0: 0.0041},
+                                               at=(60.0,))
+    _, verdicts = ttq.summarize(cells, BUDGETS)
+    gauss = verdicts["8gaussians"]
+    assert gauss["best_time_to_ffjord_quality"] is None
+    assert gauss["closest"] == {"kl_nats": 0.0041, "seconds": 60.0, "method": "ot-cfm-ml"}
+    # the same value in a full evaluation at 60 s counts
+    cells[("8gaussians", "ot-cfm-ml")]["snapshots"][-1]["kl_nats"] = 0.0012
+    _, verdicts = ttq.summarize(cells, BUDGETS)
+    assert verdicts["8gaussians"]["best_time_to_ffjord_quality"] == 60.0
 
 
 def test_table_rows_show_the_budgets_and_the_time_to_quality():
