@@ -19,8 +19,8 @@ machine, in the same run:
   it (the snapshots of a 600-s run at 60 s are taken at the peak learning rate);
 - ``ot-cfm-ml``: 60 s in two parts: OT-CFM with FFJORD's 64 x 3 field for 30 s, then maximum
   likelihood from those weights for 30 s (``flowlab train --model ffjord --init``) with a
-  fixed-step solver, rk4 with 4 steps, backpropagated directly (no adjoint): about 15 steps a
-  second against FFJORD's 4. The likelihood it trains on is that of the discretized flow; every
+  fixed-step solver, rk4 with 4 steps, backpropagated directly (no adjoint): 12-15 steps a
+  second against FFJORD's 3-4. The likelihood it trains on is that of the discretized flow; every
   number reported is the exact one (dopri5). Fewer steps do not work: with rk4 at 2 steps the
   training NLL on 8gaussians fell to 2.50 nats, below H = 2.83, while the exact NLL rose 1.3
   nats above it;
