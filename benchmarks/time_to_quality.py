@@ -407,15 +407,22 @@ def plot(cells: dict[tuple[str, str], dict], path: Path) -> None:
             if cell is None:
                 continue
             snaps = cell["snapshots"]
+            # one colour per method in every panel, so that one legend serves them all
             ax.plot([r["seconds"] for r in snaps], [max(r["gap_nats"], 1e-3) for r in snaps],
-                    marker="o", ms=3, label=method)
+                    marker="o", ms=3, label=method, color=f"C{list(METHODS).index(method)}")
         ax.axhline(THRESHOLD, color="grey", ls="--", lw=0.8)
         ax.set(xscale="log", yscale="log", title=name, xlabel="training time (s)",
                ylabel="test NLL − H (nats)")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles = {}
+    for ax in axes.flat:
+        for line in ax.get_lines():
+            if not line.get_label().startswith("_"):
+                handles.setdefault(line.get_label(), line)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles),
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
