@@ -227,8 +227,9 @@ def run_cell(method: str, args: argparse.Namespace, threads: int) -> dict[str, A
         (cell_dir / name).unlink(missing_ok=True)
     budget = args.seconds
     if args.no_train:  # the budget the run was trained with, not this invocation's --seconds
-        config = json.loads((cell_dir / RUN / "config.json").read_text())
-        budget = config.get("train", {}).get("seconds") or budget
+        from flowlab.train.checkpoint import read_run_config
+
+        budget = read_run_config(cell_dir / RUN)["train"].get("seconds") or budget
     base = {"method": method, "dataset": args.data, "budget": budget,
             "jobs": args.jobs, "threads": threads, "machine": machine_line(),
             "train_command": train_command, "eval_args": args.eval_args}

@@ -268,7 +268,7 @@ def best_flowlab_gap_by(row_cells: dict[str, dict], budget: float) -> float | No
     a full evaluation: a model trained for 60 s is there to use at 180 s."""
     return min((r["gap_nats"] for m in FLOWLAB_METHODS if m in row_cells
                 for r in row_cells[m]["snapshots"]
-                if r.get("at") is not None and r["at"] <= budget and r.get("full", True)),
+                if r["full"] and r["at"] <= budget),
                default=None)
 
 
@@ -305,8 +305,8 @@ def summarize(cells: dict[tuple[str, str], dict], budgets: tuple[float, ...]) ->
             t_thr = time_to(cell, lambda r: r["gap_nats"] <= THRESHOLD)
             # judged on full evaluations only: a 2,000-point KL has a standard error of
             # about 0.002 nats, as large as FFJORD's final KL on the easy densities
-            t_ref = (time_to(cell, lambda r, kl=ref_kl: r.get("full", True)
-                             and r["kl_nats"] <= kl) if ref_kl is not None else None)
+            t_ref = (time_to(cell, lambda r, kl=ref_kl: r["full"] and r["kl_nats"] <= kl)
+                     if ref_kl is not None else None)
             reach[method] = t_ref
             kl = _at(cell, budgets[-1])
             lines.append(
@@ -321,7 +321,7 @@ def summarize(cells: dict[tuple[str, str], dict], budgets: tuple[float, ...]) ->
         closest = min(((r["kl_nats"], r["seconds"], m) for m in FLOWLAB_METHODS
                        if m != "ffjord" and m in row_cells
                        for r in row_cells[m]["snapshots"]
-                       if r.get("kl_nats") is not None and r.get("full", True)),
+                       if r["full"] and r.get("kl_nats") is not None),
                       default=None)
         zuko = row_cells.get("zuko")
         beats_zuko = None
