@@ -172,7 +172,8 @@ def test_cfm_model_fine_tuned_by_maximum_likelihood(tmp_path, capsys):
     assert main(["train", "--model", "ffjord", "--data", "moons", "--iters", "1", "--lr", "1e-12",
                  "--init", str(pre), "--hidden", "64,64", "--out", str(tuned), "--no-progress",
                  "--fixed-T"]) == 0
-    assert "starting from the weights of" in capsys.readouterr().out
+    started = capsys.readouterr().out
+    assert "starting from the weights of" in started and "concatsquash" in started
     a, b = load_model(pre / "model.safetensors"), load_model(tuned / "model.safetensors")
     assert b.name == "ffjord" and b.options["hidden"] == [16, 16]  # architecture of the init run
     x = torch.randn(20, 2)
@@ -183,6 +184,16 @@ def test_cfm_model_fine_tuned_by_maximum_likelihood(tmp_path, capsys):
     assert main(["train", "--model", "ffjord", "--data", "8gaussians", "--iters", "1",
                  "--init", str(pre), "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "trained on 'moons'" in capsys.readouterr().err
+    # the message names the field it starts from: a fourier field, not the mlp's layer type
+    fourier = tmp_path / "fourier"
+    assert main(["train", "--model", "cfm", "--data", "moons", "--iters", "2", "--hidden", "8,8",
+                 "--field", "fourier", "--fourier-features", "4", "--out", str(fourier),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "ffjord", "--data", "moons", "--iters", "1", "--init",
+                 str(fourier), "--out", str(tmp_path / "y"), "--no-progress"]) == 0
+    started = capsys.readouterr().out
+    assert "fourier field, 4 frequencies" in started and "concatsquash" not in started
 
 
 def test_fixed_step_maximum_likelihood_training_warns_that_its_loss_is_not_exact(tmp_path,

@@ -440,8 +440,11 @@ def _init_weights(run: Path, options: dict[str, Any], dataset: str) -> dict:
         if key in source and key in options:  # (the target model's own options only)
             options[key] = source[key]
     tensors, _ = load_tensors(run / WEIGHTS)
+    field = source.get("field") or "mlp"
+    kind = (f"fourier field, {source.get('fourier_features')} frequencies" if field == "fourier"
+            else source.get("layer") if field == "mlp" else f"{field} field")
     print(f"starting from the weights of {run} ({config['model']}: hidden {source.get('hidden')}, "
-          f"{source.get('layer')}, {source.get('activation')})")
+          f"{kind}, {source.get('activation')})")
     return tensors
 
 
