@@ -395,3 +395,25 @@ def test_a_loss_spike_in_training_is_warned_of_and_logged(tmp_path):
     records = [json.loads(line) for line in (tmp_path / ckpt.LOG).read_text().splitlines()]
     flagged = [r["step"] for r in records if "loss_spike" in r]
     assert flagged == list(range(151, 161)), flagged
+
+
+def test_validation_of_fixed_step_training_uses_the_adaptive_evaluation_solver():
+    """Maximum likelihood with rk4 at few steps can game the discretized likelihood; a
+    validation by that same discretization would reward it, so the exact one is used."""
+    from flowlab.train.loop import validation_nll
+
+    torch.manual_seed(0)
+    model = FFJORD(2, hidden=(16, 16), T=1.0, solver=SolverConfig("rk4", steps=1),
+                   eval_solver=SolverConfig(atol=1e-7, rtol=1e-7)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)  # a field curved enough for one rk4 step to be visibly wrong
+    val = torch.randn(200, 2, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        exact = -model.log_prob(val).mean().item()
+        discretized = -model.log_prob(val, solver=model.solver).mean().item()
+    model.train()
+    assert abs(discretized - exact) > 0.01, (discretized, exact)  # the test can tell them apart
+    assert validation_nll(model, val) == pytest.approx(exact, rel=1e-9, abs=1e-9)
+    assert model.training  # validation restores the mode

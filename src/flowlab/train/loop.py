@@ -460,7 +460,11 @@ def validation_nll(model: DensityModel, points: torch.Tensor, batch_size: int | 
 
     The training solver's tolerance and divergence are used rather than the tight, exact
     evaluation ones (on images the exact divergence costs one backward pass per pixel): this
-    number tracks progress, `flowlab eval` gives the one to report. The points go through in
+    number tracks progress, `flowlab eval` gives the one to report. A fixed-grid training
+    solver (rk4 with 4 steps, say) is not used: maximum likelihood can game the likelihood of
+    the discretized flow, which then falls below the exact one (below the true entropy even)
+    while the model gets worse, and a validation by the same discretization would reward it;
+    the model's adaptive evaluation solver validates instead. The points go through in
     chunks of ``batch_size`` (all at once if None); ``stop`` is asked between chunks and, when
     it answers True, the validation is abandoned and None returned, so that a stop signal
     is honoured within one chunk rather than after a validation by the ODE that can take
@@ -476,6 +480,8 @@ def validation_nll(model: DensityModel, points: torch.Tensor, batch_size: int | 
     was_training = model.training
     model.eval()
     solver = getattr(model, "solver", None)
+    if solver is not None and not solver.adaptive:
+        solver = model.eval_solver
     kwargs = {}
     if solver is not None:
         kwargs = {"solver": solver.replace(gradient="backprop", seminorm=False),
