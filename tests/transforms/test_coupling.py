@@ -11,7 +11,8 @@ def _symmetric_batch() -> torch.Tensor:
     E[x2 | x1] = E[x1 | x2] = 0 exactly on the batch."""
     angles = torch.arange(8) * torch.pi / 4
     centres = 2.8 * torch.stack([angles.cos(), angles.sin()], dim=1)
-    x = centres.repeat(16, 1) + 0.35 * torch.randn(128, 2, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(128, 2, generator=torch.Generator().manual_seed(0))
+    x = centres.repeat(16, 1) + 0.35 * noise
     return torch.cat([x, x * torch.tensor([-1.0, 1.0]), x * torch.tensor([1.0, -1.0]), -x])
 
 
