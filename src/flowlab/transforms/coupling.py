@@ -122,8 +122,10 @@ class AdditiveCoupling(_Coupling):
     """NICE (Dinh et al. 2015): ``y = x + t(x_kept)``, volume preserving.
 
     Its conditioner starts with PyTorch's default random initialization, not at the identity
-    (see ``_Coupling``): on 8gaussians a zero-initialized NICE stayed at the Gaussian fit, a
-    gap of 1.42 nats, for 300 s.
+    (see ``_Coupling``). Measured with the `nice` family on 8gaussians, 300 s: started at the
+    identity it stayed at the Gaussian fit (gap 1.42 nats, the Gaussian's own 1.424), started
+    randomly it reached 0.47. On circles it ends at the Gaussian fit either way (0.63 against
+    0.626): a volume-preserving map cannot make a disk of high density into a ring.
     """
 
     affine = False
