@@ -75,7 +75,7 @@ class _Coupling(Transform):
         # An affine coupling starts as the identity (zero last layer). An additive one must not:
         # at a zero shift the gradient of the NLL with respect to the shift is E[z | x_kept],
         # which vanishes for data symmetric under reflection of the changed features (8
-        # gaussians, circles, rings), so a NICE flow started there never leaves the Gaussian fit.
+        # gaussians, circles, rings): started there, NICE stayed at the Gaussian fit on 8gaussians.
         zero_last = self.affine
         if len(self.event_shape) == 1:
             dim = self.event_shape[0]
