@@ -2,5 +2,5 @@
 
 from flowlab.errors import FlowlabError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["FlowlabError", "__version__"]

@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--bound", type=_positive_float, default=None,
                     help="splines act on [-bound, bound], identity outside (default 4)")
     df.add_argument("--log-scale-bound", type=_positive_float, default=None,
-                    help="maf, iaf: soft clamp c*tanh(s/c) of each step's log-scale (default "
-                         "7: each step scales by at most e^7, about 1000)")
+                    help="maf, iaf: each step's scale softplus(r + r0) + e^-c is at least "
+                         "e^-c (default c = 7: about 1/1000)")
     fm = tr.add_argument_group("flow matching (cfm): the same CNF, trained without ODE solves")
     fm.add_argument("--path", choices=("linear", "vp"), default="linear",
                     help="probability path between data (t=0) and noise (t=1)")

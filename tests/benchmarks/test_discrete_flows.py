@@ -226,3 +226,33 @@ def test_a_seed_cell_trains_with_its_seed(tmp_path):
     assert "--seed" not in df.cell_commands("maf", "moons", 5.0, tmp_path, 0)[0]
     with pytest.raises(SystemExit):
         df.main(["--seeds", "a,b", "--runs", str(tmp_path)])
+
+
+def test_merge_keeps_the_published_cells_and_replaces_rerun_ones(runs, tmp_path):
+    """A fresh clone has the results json but no runs folder: --merge reruns some cells and
+    keeps the rest. A rerun seed-0 cell drops the published seeds of the old one; seeds run
+    for a cell that was not rerun join its published seeds."""
+    results = tmp_path / "results"
+    write_cells(runs, [fake_cell("maf", "moons", 0.052, seed=1),
+                       fake_cell("maf", "moons", 0.054, seed=2),
+                       fake_cell("nflows-maf", "moons", 0.031, seed=1)])
+    df.main(["--table-only", "--runs", str(runs), "--results", str(results)])
+    fresh = tmp_path / "fresh"
+    with pytest.raises(SystemExit):  # nothing published in an empty results folder
+        df.main(["--table-only", "--merge", "--runs", str(fresh), "--results",
+                 str(tmp_path / "empty")])
+    write_cells(fresh, [fake_cell("maf", "moons", 0.030),  # rerun: replaces 0.050 and seeds
+                        fake_cell("nflows-maf", "moons", 0.033, seed=2),
+                        fake_cell("radial", "moons", 0.4)])  # a new cell
+    df.main(["--table-only", "--merge", "--runs", str(fresh), "--results", str(results)])
+    saved = json.loads((results / "discrete_flows.json").read_text())
+    cells = {(c["dataset"], c["method"]): c for c in saved["cells"]}
+    assert len(cells) == 17
+    assert cells[("moons", "maf")]["gap_nats"] == 0.030
+    assert cells[("moons", "maf")]["seed_gaps"] == {"0": 0.030}
+    assert cells[("moons", "nflows-maf")]["seed_gaps"] == {"0": 0.030, "1": 0.031, "2": 0.033}
+    assert cells[("8gaussians", "nsf-ar")]["gap_nats"] == 0.02  # kept from the published run
+    assert cells[("moons", "zuko-nsf")]["error"].endswith("the training loss is nan")
+    assert saved["command"] == (f"python benchmarks/discrete_flows.py --runs {runs} --results "
+                                f"{results}; then python benchmarks/discrete_flows.py --merge "
+                                f"--runs {fresh} --results {results}")

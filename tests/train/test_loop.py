@@ -154,6 +154,33 @@ def test_corrupt_and_truncated_files_get_clear_errors(tmp_path):
         load_model(tmp_path / "old.safetensors")
 
 
+def test_format_1_files_load_unless_they_hold_maf_layers(tmp_path):
+    """Format 2 changed only the map of the masked affine autoregressive layers: a format-1
+    file of another model still loads; one holding MAF or IAF layers is refused, as a file
+    and as a checkpoint to resume, instead of being silently misread."""
+    def as_format_1(model, name):
+        save_model(tmp_path / name, model)
+        tensors, meta = ckpt.load_tensors(tmp_path / name)
+        ckpt.save_tensors(tmp_path / name, tensors, {**meta, "format_version": 1})
+        return tmp_path / name
+
+    glow = build_model("glow", dim=2, num_blocks=2, hidden=[16])
+    loaded = load_model(as_format_1(glow, "glow.safetensors"))
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(loaded.log_prob(x), glow.log_prob(x))
+    for family in ("maf", "iaf"):
+        with pytest.raises(RunDirError, match=r"format 1.*misread.*Retrain"):
+            load_model(as_format_1(build_model(family, dim=2), f"{family}.safetensors"))
+    config = TrainConfig(iters=6, batch_size=32, checkpoint_every_steps=3, seed=0)
+    train(build_model("maf", dim=2), blob_sampler, config, tmp_path / "run", progress=False)
+    for path in ckpt.list_checkpoints(tmp_path / "run"):
+        tensors, meta = ckpt.load_tensors(path)
+        ckpt.save_tensors(path, tensors, {**meta, "format_version": 1})
+    with pytest.raises(RunDirError, match="format 1"):
+        train(build_model("maf", dim=2), blob_sampler, TrainConfig(iters=12, batch_size=32,
+              checkpoint_every_steps=3, seed=0), tmp_path / "run", resume=True, progress=False)
+
+
 class _Exploit:
     def __reduce__(self):
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))

@@ -7,6 +7,8 @@ in both directions; the number of sequential passes each direction takes.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -171,7 +173,7 @@ def test_maf_forward_is_the_affine_map_and_triangular_in_order():
     assert jac.triu(1).abs().max() == 0  # y_i reads x_i and features before it only
     diag = torch.diagonal(jac, dim1=1, dim2=2)
     assert (diag > 0).all()
-    # y_i = (x_i - mu) exp(-s): dy_i/dx_i = exp(-s_i), so ladj is the sum of log-diagonals
+    # y_i = x_i s_i + b_i: dy_i/dx_i = s_i, so ladj is the sum of log-diagonals
     torch.testing.assert_close(ladj, diag.log().sum(dim=1), rtol=0, atol=1e-12)
     # the first feature in the order depends on nothing: an affine map with constant mu, s
     first = order[0]
@@ -220,16 +222,23 @@ def test_fresh_layers_start_at_the_identity():
             assert torch.equal(y, x) and torch.equal(ladj, torch.zeros(6))
 
 
-def test_log_scale_is_soft_clamped():
+def test_scale_is_floored_below_and_grows_slowly_above():
+    """s = softplus(r + r0) + e^-c: raw outputs far beyond sane values give the floor e^-c
+    (log-scale -c) below and a scale linear in r above, and both stay invertible."""
     layer = maf_step(2, hidden=(4,))
-    with torch.no_grad():
-        layer.made.out.bias[1::2] = 1e4  # raw log-scales (not shifts) far beyond sane values
+    c = layer.log_scale_bound
     x = torch.randn(3, 2)
-    y, ladj = layer(x)
-    back, _ = layer.inverse(y)
-    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
-    torch.testing.assert_close(ladj, torch.full((3,), -2 * layer.log_scale_bound))
-    torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
+    r0 = math.log(math.expm1(1 - math.exp(-c)))
+    for raw, log_scale in ((-1e4, -c), (1e4, math.log(1e4 + r0 + math.exp(-c)))):
+        with torch.no_grad():
+            layer.made.out.bias[1::2] = raw  # raw scales (not shifts)
+        y, ladj = layer(x)
+        back, ladj_back = layer.inverse(y)
+        assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+        torch.testing.assert_close(ladj, torch.full((3,), 2 * log_scale))
+        torch.testing.assert_close(y, x * math.exp(log_scale))  # the shifts are zero
+        torch.testing.assert_close(back, x, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ladj_back, -ladj)
 
 
 def test_gradients_reach_every_parameter_in_float32():

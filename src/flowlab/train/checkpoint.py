@@ -39,7 +39,10 @@ BEST = "best.safetensors"  # keep_best: the weights with the lowest validation N
 CHECKPOINTS = "checkpoints"
 LEGACY_CHECKPOINT = "checkpoint.safetensors"  # flowlab 0.1 kept one checkpoint here
 LOG = "log.jsonl"
-FORMAT_VERSION = 1
+# Format 2 changed the map of flowlab's masked affine autoregressive layers (MAF, IAF) from
+# y = (x - mu) exp(-s) to y = x exp(a) + b: format-1 files of other models read unchanged.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
 
 def _umask() -> int:
@@ -175,22 +178,40 @@ def model_tensors(model: DensityModel) -> dict[str, torch.Tensor]:
     return {f"model.{k}": v for k, v in model.state_dict().items()}
 
 
-def model_from_metadata(metadata: dict[str, Any], source: Path) -> DensityModel:
+def check_format(metadata: dict[str, Any], source: Path | str,
+                 model: DensityModel | None = None) -> None:
+    """Raise :class:`RunDirError` unless this flowlab reads the file's format for ``model``
+    (the model the file describes, once built)."""
     version = metadata.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise RunDirError(
             f"{source}: written by an incompatible flowlab (format {version}, this flowlab "
             f"reads format {FORMAT_VERSION}); retrain or use the matching flowlab version"
         )
+    if version == 1 and model is not None:
+        from flowlab.transforms.autoregressive import MaskedAffineAutoregressive
+
+        if any(isinstance(m, MaskedAffineAutoregressive) for m in model.modules()):
+            raise RunDirError(
+                f"{source}: written by an older flowlab (format 1), whose MAF/IAF layers "
+                "computed y = (x - mu) exp(-s); this flowlab computes y = x exp(a) + b and "
+                "would misread the weights. Retrain the model, or read it with flowlab 0.1"
+            )
+
+
+def model_from_metadata(metadata: dict[str, Any], source: Path) -> DensityModel:
+    check_format(metadata, source)
     name, options = metadata.get("model"), metadata.get("model_options")
     if not isinstance(name, str) or not isinstance(options, dict):
         raise RunDirError(f"{source}: metadata lacks the model name or its options; the file is "
                           "not a flowlab model")
     try:
-        return build_model(name, **options)
+        model = build_model(name, **options)
     except (FlowlabError, TypeError, ValueError) as err:
         raise RunDirError(f"{source}: its model options do not build a {name!r} model ({err}); "
                           "the file is damaged or from another flowlab") from err
+    check_format(metadata, source, model)
+    return model
 
 
 def load_model(path: Path, map_location: str | torch.device = "cpu") -> DensityModel:

@@ -298,6 +298,7 @@ def _apply_payload(
     if meta.get("model") != model.name or meta.get("model_options") != model.config():
         raise RunDirError(f"{source}: the checkpoint was written for a different model "
                           f"({meta.get('model')!r}); resume with the run's own config.json")
+    ckpt.check_format(meta, source, model)
     if ema is not None and not any(k.startswith("ema.") for k in tensors):
         raise RunDirError(f"{source}: the checkpoint has no weight average, but ema is on; "
                           "resume with the run's own options")
