@@ -35,6 +35,8 @@ Usage (from the repository root, after ``pip install -e ".[bench]"``)::
     python benchmarks/discrete_flows.py --datasets circles --methods nsf-coupling,zuko-nsf \
         --seeds 0,1,2                                            # three training seeds each
     python benchmarks/discrete_flows.py --table-only             # rebuild tables and figure
+    python benchmarks/discrete_flows.py --datasets rings --methods maf --merge
+        # rerun cells of the published table (a fresh clone has no runs folder) and keep the rest
 
 Training seeds: ``--seeds 0,1,2`` trains each cell with each seed (the initialization and
 the data stream; the test points stay the same). The tables show seed 0; the other seeds live
@@ -281,10 +283,23 @@ def run_cell(method: str, name: str, seconds: float, runs: Path, jobs: int,
     return cell
 
 
-def load_cells(runs: Path) -> dict[tuple[str, str], dict]:
+def load_cells(runs: Path, published: Path | None = None) -> dict[tuple[str, str], dict]:
     """The seed-0 cells by (dataset, method); each finished one carries ``seed_gaps``, the gap
-    of every finished training seed of that cell, seed 0 included."""
+    of every finished training seed of that cell, seed 0 included.
+
+    ``published``: a results json written before (``--merge``). Its cells come first, with
+    their seeds; a seed-0 cell finished under ``runs`` replaces the published one together
+    with its seeds (a rerun cell may come from changed code, so the old seeds no longer
+    belong to it), and seeds finished under ``runs`` join the cell they belong to.
+    """
     cells = {}
+    if published is not None:
+        for cell in json.loads(Path(published).read_text())["cells"]:
+            cell = dict(cell)
+            if _ok(cell):
+                cell["seed_gaps"] = {int(s): g for s, g in
+                                     cell.get("seed_gaps", {0: cell["gap_nats"]}).items()}
+            cells[(cell["dataset"], cell["method"])] = cell
     for path in sorted(Path(runs).glob(f"*/*/{CELL}")):
         cell = json.loads(path.read_text())
         cells[(cell["dataset"], cell["method"])] = cell
@@ -669,6 +684,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rerun finished cells")
     parser.add_argument("--table-only", action="store_true",
                         help="rebuild tables and figure from the finished cells in --runs")
+    parser.add_argument("--merge", action="store_true",
+                        help="start from the cells of the results json already in --results "
+                             "(e.g. the published table of a fresh clone, which has no --runs "
+                             "folder); cells finished under --runs replace them")
     parser.add_argument("--measure", nargs=2, metavar=("METHOD", "CELL_DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -694,6 +713,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds takes whole numbers separated by commas, got {args.seeds!r}")
     if not seeds or min(seeds) < 0:
         parser.error(f"--seeds needs one or more seeds of 0 or more, got {args.seeds!r}")
+    published = args.results / f"{RESULTS_STEM}.json"
+    if args.merge and not published.is_file():
+        parser.error(f"--merge needs the results of an earlier run in {published}; "
+                     f"run without --merge to start a new table")
     if not args.table_only:
         for m in list(methods):
             library = _missing_library(m)
@@ -706,11 +729,13 @@ def main(argv: list[str] | None = None) -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_cell(job[0], job[1], args.seconds, args.runs,
                                                args.jobs, job[2]), todo))
-    cells = load_cells(args.runs)
+    cells = load_cells(args.runs, published if args.merge else None)
     if not cells:
         raise SystemExit(f"no finished cells under {args.runs}")
     command = "python benchmarks/discrete_flows.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--table-only")
+    if args.merge:
+        command = f"{json.loads(published.read_text())['command']}; then {command.strip()}"
     print(write_results(cells, args.results, command.strip()))
 
 
