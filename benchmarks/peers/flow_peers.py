@@ -7,7 +7,8 @@ train --model maf`` or ``nsf-ar``: the parameter counts are printed and stored w
 ``zuko-maf``   ``zuko.flows.MAF(2, transforms=5, hidden_features=(64, 64))``: 5 masked affine
                autoregressive steps, MADE 64 x 64 ReLU, order reversed every other step; the
                log-scale is soft-clamped by zuko (``slope=1e-3``). flowlab ``maf``: 5 steps,
-               MADE 64 x 64 ReLU, order reversed every other step, log-scale 7 tanh(a / 7).
+               MADE 64 x 64 ReLU, order reversed every other step, scale
+               softplus(r + r0) + e^-7, 1 at r = 0.
 ``zuko-nsf``   ``zuko.flows.NSF(2, transforms=4, bins=8, hidden_features=(64, 64))``: 4
                autoregressive rational-quadratic spline steps, 8 bins on zuko's own domain
                [-5, 5] (identity outside). flowlab ``nsf-ar``: 4 steps, 8 bins on [-4, 4].

@@ -40,7 +40,7 @@ CHECKPOINTS = "checkpoints"
 LEGACY_CHECKPOINT = "checkpoint.safetensors"  # flowlab 0.1 kept one checkpoint here
 LOG = "log.jsonl"
 # Format 2 changed the map of flowlab's masked affine autoregressive layers (MAF, IAF) from
-# y = (x - mu) exp(-s) to y = x exp(a) + b: format-1 files of other models read unchanged.
+# y = (x - mu) exp(-s) to y = x * s + b: format-1 files of other models read unchanged.
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)
 
@@ -194,7 +194,7 @@ def check_format(metadata: dict[str, Any], source: Path | str,
         if any(isinstance(m, MaskedAffineAutoregressive) for m in model.modules()):
             raise RunDirError(
                 f"{source}: written by an older flowlab (format 1), whose MAF/IAF layers "
-                "computed y = (x - mu) exp(-s); this flowlab computes y = x exp(a) + b and "
+                "computed y = (x - mu) exp(-s); this flowlab computes y = x * s + b and "
                 "would misread the weights. Retrain the model, or read it with flowlab 0.1"
             )
 
