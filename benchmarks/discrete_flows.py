@@ -283,18 +283,18 @@ def run_cell(method: str, name: str, seconds: float, runs: Path, jobs: int,
     return cell
 
 
-def load_cells(runs: Path, published: Path | None = None) -> dict[tuple[str, str], dict]:
+def load_cells(runs: Path, published: list[dict] | None = None) -> dict[tuple[str, str], dict]:
     """The seed-0 cells by (dataset, method); each finished one carries ``seed_gaps``, the gap
     of every finished training seed of that cell, seed 0 included.
 
-    ``published``: a results json written before (``--merge``). Its cells come first, with
+    ``published``: the cells of a results json written before (``--merge``). They come first, with
     their seeds; a seed-0 cell finished under ``runs`` replaces the published one together
     with its seeds (a rerun cell may come from changed code, so the old seeds no longer
     belong to it), and seeds finished under ``runs`` join the cell they belong to.
     """
     cells = {}
     if published is not None:
-        for cell in json.loads(Path(published).read_text())["cells"]:
+        for cell in published:
             cell = dict(cell)
             if _ok(cell):
                 cell["seed_gaps"] = {int(s): g for s, g in
@@ -713,10 +713,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds takes whole numbers separated by commas, got {args.seeds!r}")
     if not seeds or min(seeds) < 0:
         parser.error(f"--seeds needs one or more seeds of 0 or more, got {args.seeds!r}")
-    published = args.results / f"{RESULTS_STEM}.json"
-    if args.merge and not published.is_file():
-        parser.error(f"--merge needs the results of an earlier run in {published}; "
-                     f"run without --merge to start a new table")
+    published = None
+    if args.merge:
+        path = args.results / f"{RESULTS_STEM}.json"
+        if not path.is_file():
+            parser.error(f"--merge needs the results of an earlier run in {path}; "
+                         f"run without --merge to start a new table")
+        published = json.loads(path.read_text())
     if not args.table_only:
         for m in list(methods):
             library = _missing_library(m)
@@ -729,13 +732,13 @@ def main(argv: list[str] | None = None) -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_cell(job[0], job[1], args.seconds, args.runs,
                                                args.jobs, job[2]), todo))
-    cells = load_cells(args.runs, published if args.merge else None)
+    cells = load_cells(args.runs, published["cells"] if published else None)
     if not cells:
         raise SystemExit(f"no finished cells under {args.runs}")
     command = "python benchmarks/discrete_flows.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--table-only")
-    if args.merge:
-        command = f"{json.loads(published.read_text())['command']}; then {command.strip()}"
+    if published:
+        command = f"{published['command']}; then {command.strip()}"
     print(write_results(cells, args.results, command.strip()))
 
 

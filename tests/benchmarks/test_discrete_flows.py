@@ -238,9 +238,10 @@ def test_merge_keeps_the_published_cells_and_replaces_rerun_ones(runs, tmp_path)
                        fake_cell("nflows-maf", "moons", 0.031, seed=1)])
     df.main(["--table-only", "--runs", str(runs), "--results", str(results)])
     fresh = tmp_path / "fresh"
-    with pytest.raises(SystemExit):  # nothing published in an empty results folder
+    with pytest.raises(SystemExit) as refused:  # nothing published in an empty results folder
         df.main(["--table-only", "--merge", "--runs", str(fresh), "--results",
                  str(tmp_path / "empty")])
+    assert refused.value.code == 2  # the parser's error, before anything runs
     write_cells(fresh, [fake_cell("maf", "moons", 0.030),  # rerun: replaces 0.050 and seeds
                         fake_cell("nflows-maf", "moons", 0.033, seed=2),
                         fake_cell("radial", "moons", 0.4)])  # a new cell
