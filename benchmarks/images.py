@@ -39,6 +39,7 @@ Usage (from the repository root, after ``pip install -e ".[bench]"``)::
         --train-args "--hidden 16,32 --batch-size 32 --lr 2e-3 --val-every 0" \\
         --eval-args "--divergence hutchinson --probes 2"
     python benchmarks/images.py --data digits --table-only             # rebuild the report
+    python benchmarks/images.py --data digits --methods maf --merge    # rerun one, keep the rest
 
 Finished cells (``runs/images/DATA/METHOD/cell.json``) are kept and not rerun unless
 ``--force``. Writes ``benchmarks/results/images_DATA.{md,json,png}``,
@@ -253,8 +254,10 @@ def run_cell(method: str, args: argparse.Namespace, threads: int) -> dict[str, A
     return cell
 
 
-def load_cells(runs: Path) -> dict[str, dict]:
-    cells = {}
+def load_cells(runs: Path, published: list[dict] | None = None) -> dict[str, dict]:
+    """The finished cells under ``runs`` by method. ``published``: the cells of a results json
+    written before (``--merge``); a cell finished under ``runs`` replaces the published one."""
+    cells = {cell["method"]: cell for cell in published or ()}
     for path in sorted(Path(runs).glob(f"*/{CELL}")):
         cell = json.loads(path.read_text())
         cells[cell["method"]] = cell
@@ -464,6 +467,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rerun finished cells")
     parser.add_argument("--table-only", action="store_true",
                         help="rebuild the report from the finished cells")
+    parser.add_argument("--merge", action="store_true",
+                        help="start from the cells of the results json already in --results "
+                             "(e.g. the published table of a fresh clone, which has no --runs "
+                             "folder); cells finished under --runs replace them")
     parser.add_argument("--measure", nargs=2, metavar=("METHOD", "CELL_DIR"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -481,6 +488,13 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.seconds > 0) or args.jobs < 1:
         parser.error("--seconds must be positive and --jobs at least 1")
     args.runs = args.runs or Path("runs/images") / args.data
+    published = None
+    if args.merge:
+        path = args.results / f"images_{args.data}.json"
+        if not path.is_file():
+            parser.error(f"--merge needs the results of an earlier run in {path}; "
+                         f"run without --merge to start a new table")
+        published = json.loads(path.read_text())
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if not args.table_only:
         todo = [m for m in methods
@@ -489,11 +503,13 @@ def main(argv: list[str] | None = None) -> None:
               f"time with {threads} thread(s) each", flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda m: run_cell(m, args, threads), todo))
-    cells = load_cells(args.runs)
+    cells = load_cells(args.runs, published["cells"] if published else None)
     if not cells:
         raise SystemExit(f"no finished cells under {args.runs}")
     command = "python benchmarks/images.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--table-only")
+    if published:
+        command = f"{published['command']}; then {command.strip()}"
     print(write_results(cells, args.data, args.runs, args.results, command.strip()))
 
 

@@ -121,3 +121,25 @@ def test_verdict_says_when_the_test_images_differ():
     text = im.verdict(subset)
     assert "scored on different test images, 128 and 10,000: not a paired comparison" in text
     assert "the images are the same" not in text
+
+
+def test_merge_keeps_the_published_cells_and_replaces_rerun_ones(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    with pytest.raises(SystemExit) as refused:  # nothing published to merge into
+        im.main(["--data", "digits", "--table-only", "--merge", "--runs", str(runs),
+                 "--results", str(results)])
+    assert refused.value.code == 2
+    published = {"glow": _cell("glow", 2.1, train_command="flowlab train --model glow"),
+                 "maf": _cell("maf", 2.3, train_command="flowlab train --model maf")}
+    im.write_results(published, "digits", runs, results, "python benchmarks/images.py")
+    rerun = runs / "maf" / im.CELL
+    rerun.parent.mkdir(parents=True)
+    rerun.write_text(im.json.dumps(_cell("maf", 2.2, train_command="flowlab train --new")))
+    im.main(["--data", "digits", "--table-only", "--merge", "--runs", str(runs),
+             "--results", str(results)])
+    merged = im.json.loads((results / "images_digits.json").read_text())
+    assert {c["method"]: c["bits_per_dim"] for c in merged["cells"]} == {"glow": 2.1, "maf": 2.2}
+    assert merged["command"].startswith("python benchmarks/images.py; then python "
+                                        "benchmarks/images.py --data digits --merge")
+    text = (results / "images_digits.md").read_text()
+    assert "flowlab train --new" in text and "flowlab train --model glow" in text
