@@ -225,6 +225,23 @@ def _tail(path: Path, lines: int = 3) -> str:
     return " / ".join(text[-lines:])
 
 
+def published_results(parser: argparse.ArgumentParser, path: Path, merge: bool) -> dict | None:
+    """With ``--merge``, the results json an earlier run wrote at ``path`` (the published table
+    of a fresh clone), or the parser's error if there is none; without it, None."""
+    if not merge:
+        return None
+    if not path.is_file():
+        parser.error(f"--merge needs the results of an earlier run in {path}; "
+                     f"run without --merge to start a new table")
+    return json.loads(path.read_text())
+
+
+def chained_command(published: dict | None, command: str) -> str:
+    """The command that made a table: this one, after the published run's when merging."""
+    command = command.strip()
+    return f"{published['command']}; then {command}" if published else command
+
+
 def run_steps(commands: list[list[str]], output: Path, what: str) -> str | None:
     """Run a cell's subprocesses in order, their output into ``output``.
 
@@ -713,13 +730,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--seeds takes whole numbers separated by commas, got {args.seeds!r}")
     if not seeds or min(seeds) < 0:
         parser.error(f"--seeds needs one or more seeds of 0 or more, got {args.seeds!r}")
-    published = None
-    if args.merge:
-        path = args.results / f"{RESULTS_STEM}.json"
-        if not path.is_file():
-            parser.error(f"--merge needs the results of an earlier run in {path}; "
-                         f"run without --merge to start a new table")
-        published = json.loads(path.read_text())
+    published = published_results(parser, args.results / f"{RESULTS_STEM}.json", args.merge)
     if not args.table_only:
         for m in list(methods):
             library = _missing_library(m)
@@ -737,9 +748,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no finished cells under {args.runs}")
     command = "python benchmarks/discrete_flows.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--table-only")
-    if published:
-        command = f"{published['command']}; then {command.strip()}"
-    print(write_results(cells, args.results, command.strip()))
+    print(write_results(cells, args.results, chained_command(published, command)))
 
 
 if __name__ == "__main__":

@@ -64,7 +64,13 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from discrete_flows import _median_time, machine_line, run_steps  # noqa: E402
+from discrete_flows import (  # noqa: E402
+    _median_time,
+    chained_command,
+    machine_line,
+    published_results,
+    run_steps,
+)
 
 METHODS = {
     # (FFJORD's 64-channel image field takes minutes per step of 512 images on one CPU core:
@@ -488,13 +494,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.seconds > 0) or args.jobs < 1:
         parser.error("--seconds must be positive and --jobs at least 1")
     args.runs = args.runs or Path("runs/images") / args.data
-    published = None
-    if args.merge:
-        path = args.results / f"images_{args.data}.json"
-        if not path.is_file():
-            parser.error(f"--merge needs the results of an earlier run in {path}; "
-                         f"run without --merge to start a new table")
-        published = json.loads(path.read_text())
+    published = published_results(parser, args.results / f"images_{args.data}.json", args.merge)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if not args.table_only:
         todo = [m for m in methods
@@ -508,9 +508,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no finished cells under {args.runs}")
     command = "python benchmarks/images.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv) if a != "--table-only")
-    if published:
-        command = f"{published['command']}; then {command.strip()}"
-    print(write_results(cells, args.data, args.runs, args.results, command.strip()))
+    print(write_results(cells, args.data, args.runs, args.results,
+                        chained_command(published, command)))
 
 
 if __name__ == "__main__":

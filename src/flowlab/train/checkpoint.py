@@ -186,7 +186,8 @@ def check_format(metadata: dict[str, Any], source: Path | str,
     if version not in READABLE_FORMATS:
         raise RunDirError(
             f"{source}: written by an incompatible flowlab (format {version}, this flowlab "
-            f"reads format {FORMAT_VERSION}); retrain or use the matching flowlab version"
+            f"reads formats {', '.join(map(str, READABLE_FORMATS))}); retrain or use the "
+            "matching flowlab version"
         )
     if version == 1 and model is not None:
         from flowlab.transforms.autoregressive import MaskedAffineAutoregressive
