@@ -24,6 +24,9 @@ machine, in the same run:
   number reported is the exact one (dopri5). Fewer steps do not work: with rk4 at 2 steps the
   training NLL on 8gaussians fell to 2.50 nats, below H = 2.83, while the exact NLL rose 1.3
   nats above it;
+- ``cfm-avg-fourier-60s``: flow matching with independent pairs and the averaged target
+  (``--target averaged``: each pair's velocity replaced by its posterior average over the
+  batch, :mod:`flowlab.fm.targets`), the Fourier field, a budget of 60 s;
 - ``zuko``: the peer, ``zuko.flows.CNF`` (64 x 3 ELU, exact trace, zuko's solver and
   adjoint) trained by maximum likelihood (``benchmarks/peers/zuko_cnf.py``), same learning
   rate and schedule as flowlab's FFJORD.
@@ -42,10 +45,16 @@ Usage (from the repository root, after ``pip install -e ".[bench]"``)::
     python benchmarks/time_to_quality.py --jobs 2            # all methods, all 8 datasets
     python benchmarks/time_to_quality.py --datasets rings --methods ffjord,ot-cfm --jobs 2
     python benchmarks/time_to_quality.py --table-only        # rebuild table and plots
+    python benchmarks/time_to_quality.py --methods cfm-avg-fourier-60s --jobs 2 --merge
 
 Finished cells (``runs/ttq/DATASET/METHOD/cell.json``) are kept and not rerun unless
 ``--force``, so the benchmark can be run in parts; the table covers every finished cell.
-Writes ``benchmarks/results/time_to_quality.{md,json,png}`` and one density figure per dataset.
+``--merge`` starts from the published cells (``time_to_quality.json``; a fresh clone has no
+``runs/ttq``) and adds or replaces those finished under ``--runs``.
+Writes ``benchmarks/results/time_to_quality.{md,json,png}`` and one density figure per dataset
+(the published json keeps no density grids: with ``--merge`` a dataset's figure is redrawn only
+when all its cells were run here, and each method run here gets a figure of its own across the
+datasets, ``time_to_quality_densities_METHOD.png``).
 ``--jobs 2`` runs two cells at a time, one torch thread each (a 2-D CNF step uses one core as
 well as two, measured), so on a 2-core machine each run keeps its own core.
 """
@@ -56,6 +65,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +74,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from discrete_flows import chained_command, published_results  # noqa: E402
+
 DATASETS = ("8gaussians", "checkerboard", "2spirals", "pinwheel", "rings", "circles", "moons",
             "swissroll")
 METHODS = {
@@ -74,15 +87,16 @@ METHODS = {
     "ot-cfm-fourier": ["--model", "cfm", "--coupling", "ot", "--field", "fourier"],
     "ot-cfm-fourier-60s": ["--model", "cfm", "--coupling", "ot", "--field", "fourier"],
     "ot-cfm-ml": ["--model", "ffjord", "--solver", "rk4", "--steps", "4", "--no-adjoint"],
+    "cfm-avg-fourier-60s": ["--model", "cfm", "--target", "averaged", "--field", "fourier"],
     "zuko": None,
 }
 # methods trained for a budget of their own
-SHORT_BUDGETS = {"ot-cfm-fourier-60s": 60.0, "ot-cfm-ml": 60.0}
+SHORT_BUDGETS = {"ot-cfm-fourier-60s": 60.0, "ot-cfm-ml": 60.0, "cfm-avg-fourier-60s": 60.0}
 # methods that start from weights pre-trained by flow matching for the first part of their
 # budget: (seconds of pre-training, its `flowlab train` options); METHODS holds the second part
 PRETRAIN = {"ot-cfm-ml": (30.0, ["--model", "cfm", "--coupling", "ot", "--hidden", "64,64,64"])}
 FLOWLAB_METHODS = ("ffjord", "ffjord-rnode", "cfm", "ot-cfm", "ot-cfm-fourier",
-                   "ot-cfm-fourier-60s", "ot-cfm-ml")
+                   "ot-cfm-fourier-60s", "ot-cfm-ml", "cfm-avg-fourier-60s")
 GRID = (10, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600)
 BUDGETS = (60, 180, 600)
 THRESHOLD = 0.10
@@ -427,7 +441,21 @@ def plot(cells: dict[tuple[str, str], dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_densities(cells: dict[tuple[str, str], dict], results: Path) -> list[Path]:
+def _density_panels(ax, dens, bounds, vmax, title) -> None:
+    ax.imshow(dens, origin="lower", extent=(-bounds, bounds, -bounds, bounds), vmin=0,
+              vmax=vmax)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_densities(cells: dict[tuple[str, str], dict], results: Path,
+                   per_method: bool = False) -> list[Path]:
+    """One figure per dataset: the true density and each method's, where every cell of the
+    dataset has its density grid (merged published cells have none: their figure stays); with
+    ``per_method``, also one figure per method whose cells all have grids, the truth above the
+    model on each dataset.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,27 +466,46 @@ def plot_densities(cells: dict[tuple[str, str], dict], results: Path) -> list[Pa
     from flowlab.data import get_dataset
     from flowlab.viz import grid_log_prob
 
+    truths = {}
+
+    def truth(name):
+        if name not in truths:
+            dataset = get_dataset(name)
+            _, _, true = grid_log_prob(dataset.log_prob, dataset.bounds, 80, dtype=torch.float64)
+            truths[name] = (np.exp(true), dataset.bounds)
+        return truths[name]
+
     written = []
     for name in DATASETS:
         methods = [m for m in METHODS if (name, m) in cells]
-        if not methods:
+        if not methods or any("density" not in cells[(name, m)] for m in methods):
             continue
-        dataset = get_dataset(name)
-        _, _, true = grid_log_prob(dataset.log_prob, dataset.bounds, 80, dtype=torch.float64)
-        panels = [("true density", np.exp(true))] + [
+        true, bounds = truth(name)
+        panels = [("true density", true)] + [
             (f"{m} @ {cells[(name, m)]['budget']:.0f} s",
              np.exp(np.asarray(cells[(name, m)]["density"]))) for m in methods
         ]
-        vmax = np.exp(true).max()
         fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
-        b = dataset.bounds
         for ax, (title, dens) in zip(np.atleast_1d(axes), panels, strict=True):
-            ax.imshow(dens, origin="lower", extent=(-b, b, -b, b), vmin=0, vmax=vmax)
-            ax.set_title(title, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _density_panels(ax, dens, bounds, true.max(), title)
         fig.tight_layout()
         path = results / f"time_to_quality_{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    for method in METHODS if per_method else ():
+        names = [n for n in DATASETS if (n, method) in cells]
+        if not names or any("density" not in cells[(n, method)] for n in names):
+            continue
+        fig, axes = plt.subplots(2, len(names), figsize=(2.2 * len(names), 4.6), squeeze=False)
+        for col, name in enumerate(names):
+            true, bounds = truth(name)
+            cell = cells[(name, method)]
+            _density_panels(axes[0, col], true, bounds, true.max(), f"{name}: truth")
+            _density_panels(axes[1, col], np.exp(np.asarray(cell["density"])), bounds,
+                            true.max(), f"{method} @ {cell['budget']:.0f} s")
+        fig.tight_layout()
+        path = results / f"time_to_quality_densities_{method}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
@@ -473,7 +520,7 @@ def load_cells(runs: Path) -> dict[tuple[str, str], dict]:
     return cells
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -485,9 +532,11 @@ def main() -> None:
                         help="learning rate of the zuko peer (flowlab's FFJORD default)")
     parser.add_argument("--force", action="store_true", help="rerun finished cells")
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--merge", action="store_true",
+                        help="start from the published cells (time_to_quality.json) and add or "
+                             "replace those finished under --runs")
     parser.add_argument("--cell", nargs=2, metavar=("METHOD", "DATASET"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
+    args = parser.parse_args(argv)
     if args.cell:
         method, name = args.cell
         run_cell(method, name, args.seconds, args.runs / name / method, args.zuko_lr)
@@ -500,6 +549,13 @@ def main() -> None:
     for n in names:
         if n not in DATASETS:
             parser.error(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)}")
+    published = published_results(parser, args.results / "time_to_quality.json", args.merge)
+    if published is not None and "command" not in published:
+        # tables written before the json kept its command: the markdown has it
+        markdown = args.results / "time_to_quality.md"
+        found = re.search(r"^Command: `([^`]*)`", markdown.read_text() if markdown.is_file()
+                          else "", re.M)
+        published["command"] = found.group(1) if found else "(an earlier run)"
     if not args.table_only:
         todo = [(m, n) for n in names for m in methods
                 if args.force or not (args.runs / n / m / CELL).is_file()]
@@ -513,19 +569,20 @@ def main() -> None:
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(launch, todo))
-    cells = load_cells(args.runs)
+    cells = {(c["dataset"], c["method"]): c for c in published["cells"]} if published else {}
+    cells.update(load_cells(args.runs))
     if not cells:
         raise SystemExit(f"no finished runs under {args.runs}")
     budgets = tuple(b for b in BUDGETS if b < args.seconds) + (args.seconds,)
     text_table, verdicts = summarize(cells, budgets)
     args.results.mkdir(parents=True, exist_ok=True)
     plot(cells, args.results / "time_to_quality.png")
-    plot_densities(cells, args.results)
+    plot_densities(cells, args.results, per_method=args.merge)
     machine = (f"{platform.machine()}, {platform.processor() or 'cpu'}, Python "
                f"{platform.python_version()}, {args.jobs} run(s) at a time, one thread each")
     verdict_lines = "\n".join(verdict_line(n, v, budgets[-1]) for n, v in verdicts.items())
-    command = "python benchmarks/time_to_quality.py " + " ".join(
-        a for a in sys.argv[1:] if a != "--table-only")
+    command = chained_command(published, "python benchmarks/time_to_quality.py " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--table-only"))
     text = (
         "# Time to quality of CNFs on the 2-D densities\n\n"
         f"Command: `{command}`  \nMachine: {machine}.  \n"
@@ -547,7 +604,7 @@ def main() -> None:
     )
     (args.results / "time_to_quality.md").write_text(text)
     (args.results / "time_to_quality.json").write_text(json.dumps(
-        {"verdicts": verdicts, "cells": [
+        {"command": command, "machine": machine, "verdicts": verdicts, "cells": [
             {k: v for k, v in c.items() if k != "density"} for c in cells.values()]}, indent=1))
     print(text)
 

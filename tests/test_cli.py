@@ -125,14 +125,18 @@ def test_help_explains_every_option(capsys):
         assert option in text, option
 
 
-def test_flow_matching_model_trains_and_evaluates_exactly(tmp_path, capsys):
+@pytest.mark.parametrize("pairing", [["--coupling", "ot"], ["--target", "averaged"]])
+def test_flow_matching_model_trains_and_evaluates_exactly(tmp_path, capsys, pairing):
     run = tmp_path / "cfm"
-    assert main(["train", "--model", "cfm", "--coupling", "ot", "--data", "moons", "--iters",
+    assert main(["train", "--model", "cfm", *pairing, "--data", "moons", "--iters",
                  "1000", "--batch-size", "256", "--out", str(run), "--hidden", "32,32",
                  "--no-progress"]) == 0
     assert main(["eval", str(run), "--n-test", "2000", "--atol", "1e-5", "--rtol", "1e-5"]) == 0
     report = json.loads((run / "eval.json").read_text())
     assert report["model"] == "cfm" and report["estimator"] == "exact"
+    options = json.loads((run / "config.json").read_text())["model_options"]
+    assert (options["coupling"], options["target"]) == (
+        ("ot", "conditional") if "--coupling" in pairing else ("independent", "averaged"))
     # The best single Gaussian for moons is 0.90 nats from the truth (entropy of the fitted
     # covariance, 3.293, minus H); the flow, by an exact ODE likelihood, is well below that.
     assert -3 * report["kl_se"] < report["kl_nats"] < 0.75
@@ -240,6 +244,10 @@ def test_reflow_trains_on_teacher_pairs_and_resumes(tmp_path, capsys):
     assert main(["train", "--model", "ffjord", "--data", "moons", "--reflow", str(teacher),
                  "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
     assert "--model cfm" in capsys.readouterr().err
+    assert main(["train", "--model", "cfm", "--data", "moons", "--reflow", str(teacher),
+                 "--target", "averaged", "--out", str(tmp_path / "bad2"), "--no-progress"]) == 2
+    assert "drop --target averaged" in capsys.readouterr().err
+    assert not (tmp_path / "bad2").exists()
 
 
 @pytest.mark.parametrize("family, extra", [

@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="number of teacher pairs for --reflow")
     fm.add_argument("--time-sampling", choices=("uniform", "logit-normal"), default="uniform",
                     help="distribution of the training times on [0, 1]")
+    fm.add_argument("--target", choices=("conditional", "averaged"), default="conditional",
+                    help="regression target: each pair's conditional velocity, or its "
+                         "posterior average over the batch (lower variance, same field; "
+                         "independent coupling only)")
 
     # eval
     ev = sub.add_parser(
@@ -400,7 +404,8 @@ def _model_options(args: argparse.Namespace, shape: tuple[int, ...]) -> dict[str
         # The path fixes the flow: one block on [0, 1]; no ODE is solved in training.
         options.update(num_blocks=1, T=1.0, train_T=False, path=args.path,
                        sigma_min=args.sigma_min, coupling=args.coupling, ot_block=args.ot_block,
-                       ot_solver=args.ot_solver, time_sampling=args.time_sampling)
+                       ot_solver=args.ot_solver, time_sampling=args.time_sampling,
+                       target=args.target)
     return options
 
 
@@ -645,6 +650,9 @@ def _train(args: argparse.Namespace, ranks) -> int:
             if args.model != "cfm" or args.init is not None:
                 raise ConfigError("--reflow trains a cfm model from its teacher's weights: use "
                                   "--model cfm and no --init")
+            if options.get("target") == "averaged":
+                raise ConfigError("--reflow trains on the teacher's pairs as they are; the "
+                                  "averaged target would replace them: drop --target averaged")
             options.update(sigma_min=0.0, coupling="independent")  # the pairs are the coupling
         source = args.reflow or args.init
         init = _init_weights(source, options, dataset.name) if source else None

@@ -1,5 +1,7 @@
 """The time-to-quality benchmark's table and verdicts, from made-up cells (no training)."""
 
+import json
+
 import pytest
 from benchload import load_benchmark
 
@@ -133,3 +135,44 @@ def test_zuko_is_compared_with_the_best_gap_reached_by_each_budget():
     cells[("2spirals", "zuko")]["snapshots"][-1]["gap_nats"] = 0.01
     _, verdicts = ttq.summarize(cells, BUDGETS)
     assert verdicts["2spirals"]["smaller_gap_than_zuko_at_every_budget"] is False
+
+
+def test_merge_keeps_the_published_cells_and_adds_the_new_ones(tmp_path):
+    """--merge: the published json (no density grids, and, as first published, no command of
+    its own: the markdown's is used) plus the cells finished under --runs, which replace
+    published cells of the same method and dataset."""
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    published = {("8gaussians", m): {**c, "budget": 600.0, "entropy": 2.83}
+                 for (name, m), c in _cells().items() if name == "8gaussians"}
+    (results / "time_to_quality.json").write_text(json.dumps(
+        {"verdicts": {}, "cells": list(published.values())}))
+    (results / "time_to_quality.md").write_text(
+        "# Time to quality\n\nCommand: `python benchmarks/time_to_quality.py --jobs 2`  \n")
+    new = {**_cell("cfm-avg-fourier-60s", "8gaussians", {30.0: 0.01, 60.0: 0.0012}, at=(60.0,)),
+           "budget": 60.0, "entropy": 2.83, "density": [[0.0] * 80] * 80}
+    (runs / "8gaussians" / "cfm-avg-fourier-60s").mkdir(parents=True)
+    (runs / "8gaussians" / "cfm-avg-fourier-60s" / ttq.CELL).write_text(json.dumps(new))
+    ttq.main(["--table-only", "--merge", "--runs", str(runs), "--results", str(results)])
+    merged = json.loads((results / "time_to_quality.json").read_text())
+    assert {(c["dataset"], c["method"]) for c in merged["cells"]} == {
+        *published, ("8gaussians", "cfm-avg-fourier-60s")}
+    assert merged["command"].startswith("python benchmarks/time_to_quality.py --jobs 2; then "
+                                        "python benchmarks/time_to_quality.py --merge")
+    # the new model passes FFJORD's 600-s KL (0.0014) at 60 s: ten times sooner
+    assert merged["verdicts"]["8gaussians"]["best_time_to_ffjord_quality"] == 60.0
+    assert "cfm-avg-fourier-60s" in (results / "time_to_quality.md").read_text()
+    # the dataset's figure needs every cell's grid; the new method gets one of its own
+    assert not (results / "time_to_quality_8gaussians.png").exists()
+    assert (results / "time_to_quality_densities_cfm-avg-fourier-60s.png").is_file()
+    # merging again replaces the cell run here rather than adding a second one
+    ttq.main(["--table-only", "--merge", "--runs", str(runs), "--results", str(results)])
+    again = json.loads((results / "time_to_quality.json").read_text())
+    assert len(again["cells"]) == len(merged["cells"])
+
+
+def test_merge_needs_published_results(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ttq.main(["--table-only", "--merge", "--results", str(tmp_path)])
+    assert stop.value.code == 2
+    assert "--merge needs the results of an earlier run" in capsys.readouterr().err

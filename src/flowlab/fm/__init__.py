@@ -2,12 +2,16 @@
 
 from flowlab.fm.coupling import COUPLINGS, independent_coupling, make_coupling, ot_coupling
 from flowlab.fm.paths import PATHS, LinearPath, VPPath, make_path
+from flowlab.fm.targets import TARGETS, averaged_velocity, check_target
 
 __all__ = [
     "COUPLINGS",
     "PATHS",
+    "TARGETS",
     "LinearPath",
     "VPPath",
+    "averaged_velocity",
+    "check_target",
     "independent_coupling",
     "make_coupling",
     "make_path",
