@@ -503,7 +503,8 @@ def plot_densities(cells: dict[tuple[str, str], dict], results: Path,
             cell = cells[(name, method)]
             _density_panels(axes[0, col], true, bounds, true.max(), f"{name}: truth")
             _density_panels(axes[1, col], np.exp(np.asarray(cell["density"])), bounds,
-                            true.max(), f"{method} @ {cell['budget']:.0f} s")
+                            true.max(), f"model @ {cell['budget']:.0f} s")
+        fig.suptitle(f"{method}: the true density (top), the model's (bottom)", fontsize=10)
         fig.tight_layout()
         path = results / f"time_to_quality_densities_{method}.png"
         fig.savefig(path, dpi=100)
@@ -559,7 +560,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table_only:
         todo = [(m, n) for n in names for m in methods
                 if args.force or not (args.runs / n / m / CELL).is_file()]
-        print(f"{len(todo)} runs of {args.seconds:.0f} s, {args.jobs} at a time", flush=True)
+        lengths = sorted({min(args.seconds, SHORT_BUDGETS.get(m, args.seconds)) for m, _ in todo})
+        print(f"{len(todo)} runs of {' or '.join(f'{b:.0f}' for b in lengths) or 0} s, "
+              f"{args.jobs} at a time", flush=True)
 
         def launch(job):
             method, name = job
