@@ -20,7 +20,7 @@ where ``u_t(x_t | x_j) - u_t(x_t | x_i) = -gamma(t) (x_j - x_i)`` for both paths
 data end the weights sit on ``x_i`` itself and the target is the conditional one; near the
 noise end it is an average over the whole batch. The estimate of the marginal velocity is
 consistent, with a bias of order ``1 / batch size`` (the batch stands in for the data
-distribution; Xu et al. 2023, section 4).
+distribution; Xu et al. 2023 bound it).
 
 It is defined for independent pairs only: minibatch OT pairs ``x_i`` with a ``z_i`` that
 depends on the rest of the batch, so the posterior above is not that of the pairs.
@@ -28,9 +28,10 @@ depends on the rest of the batch, so the posterior above is not that of the pair
 Measured on this project's 2-core machine (one core, 60-s budget, the Fourier field, batch
 512, paired KL on 20,000 test points): 8gaussians 0.0265 nats with the conditional target,
 0.0018-0.0020 with the averaged one (three runs); moons 0.0135 against 0.0032. The weights
-cost an n x n softmax per step (about 2-5 ms at n = 512 on one core), so the batch is the
-reference set: 4,096 reference points (the last eight batches) cut the steps in a minute by
-two thirds and ended worse (0.0052). See the time-to-quality account in the README.
+cost an n x n softmax per step (2.6 ms of a 13.4-ms step at n = 512 with the Fourier field,
+one core; ``benchmarks/fm_target_cost.py``), so the batch is the reference set: 4,096
+reference points (the last eight batches) cut the steps in a minute by two thirds and ended
+worse (0.0052). See the time-to-quality account in the README.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from flowlab.fm.paths import LinearPath, VPPath
 
 TARGETS = ("conditional", "averaged")
 
-# below this noise scale every other data point has weight exp(-huge) = 0: the target is the
-# conditional velocity (the clamp only keeps 0 / 0 out at t = 0 of a path without sigma_min)
+# the noise scale is clamped here so that t = 0 on a path without sigma_min puts all the weight
+# on x_i itself (the target is then the conditional velocity) instead of computing 0 / 0
 _TINY_SIGMA = 1e-12
 
 
