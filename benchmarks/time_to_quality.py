@@ -65,7 +65,6 @@ import argparse
 import json
 import math
 import platform
-import re
 import shutil
 import subprocess
 import sys
@@ -513,8 +512,10 @@ def plot_densities(cells: dict[tuple[str, str], dict], results: Path,
     return written
 
 
-def load_cells(runs: Path) -> dict[tuple[str, str], dict]:
-    cells = {}
+def load_cells(runs: Path, published: list[dict] | None = None) -> dict[tuple[str, str], dict]:
+    """The finished cells under ``runs`` by (dataset, method). ``published``: the cells of a
+    results json written before (``--merge``); a cell finished under ``runs`` replaces one."""
+    cells = {(cell["dataset"], cell["method"]): cell for cell in published or ()}
     for path in sorted(runs.glob(f"*/*/{CELL}")):
         cell = json.loads(path.read_text())
         cells[(cell["dataset"], cell["method"])] = cell
@@ -551,12 +552,6 @@ def main(argv: list[str] | None = None) -> None:
         if n not in DATASETS:
             parser.error(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)}")
     published = published_results(parser, args.results / "time_to_quality.json", args.merge)
-    if published is not None and "command" not in published:
-        # tables written before the json kept its command: the markdown has it
-        markdown = args.results / "time_to_quality.md"
-        found = re.search(r"^Command: `([^`]*)`", markdown.read_text() if markdown.is_file()
-                          else "", re.M)
-        published["command"] = found.group(1) if found else "(an earlier run)"
     if not args.table_only:
         todo = [(m, n) for n in names for m in methods
                 if args.force or not (args.runs / n / m / CELL).is_file()]
@@ -572,8 +567,7 @@ def main(argv: list[str] | None = None) -> None:
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(launch, todo))
-    cells = {(c["dataset"], c["method"]): c for c in published["cells"]} if published else {}
-    cells.update(load_cells(args.runs))
+    cells = load_cells(args.runs, published["cells"] if published else None)
     if not cells:
         raise SystemExit(f"no finished runs under {args.runs}")
     budgets = tuple(b for b in BUDGETS if b < args.seconds) + (args.seconds,)

@@ -138,17 +138,15 @@ def test_zuko_is_compared_with_the_best_gap_reached_by_each_budget():
 
 
 def test_merge_keeps_the_published_cells_and_adds_the_new_ones(tmp_path):
-    """--merge: the published json (no density grids, and, as first published, no command of
-    its own: the markdown's is used) plus the cells finished under --runs, which replace
-    published cells of the same method and dataset."""
+    """--merge: the published json (no density grids) plus the cells finished under --runs,
+    which replace published cells of the same method and dataset."""
     results, runs = tmp_path / "results", tmp_path / "runs"
     results.mkdir()
     published = {("8gaussians", m): {**c, "budget": 600.0, "entropy": 2.83}
                  for (name, m), c in _cells().items() if name == "8gaussians"}
     (results / "time_to_quality.json").write_text(json.dumps(
-        {"verdicts": {}, "cells": list(published.values())}))
-    (results / "time_to_quality.md").write_text(
-        "# Time to quality\n\nCommand: `python benchmarks/time_to_quality.py --jobs 2`  \n")
+        {"command": "python benchmarks/time_to_quality.py --jobs 2", "verdicts": {},
+         "cells": list(published.values())}))
     new = {**_cell("cfm-avg-fourier-60s", "8gaussians", {30.0: 0.01, 60.0: 0.0012}, at=(60.0,)),
            "budget": 60.0, "entropy": 2.83, "density": [[0.0] * 80] * 80}
     (runs / "8gaussians" / "cfm-avg-fourier-60s").mkdir(parents=True)

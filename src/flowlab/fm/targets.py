@@ -51,19 +51,20 @@ _TINY_SIGMA = 1e-12
 
 
 def path_gaussian(path: LinearPath | VPPath, t: torch.Tensor):
-    """``(a, sigma, gamma)`` per row: ``x_t | x ~ N(a x, sigma^2 I)`` and the velocity spread.
+    """``(a, sigma, gamma)`` per row: ``x_t | x ~ N(a x, sigma^2 I)`` (``sigma`` clamped at
+    ``_TINY_SIGMA``) and the velocity spread.
 
     ``gamma`` is the factor with ``u_t(y | x_j) - u_t(y | x_i) = -gamma (x_j - x_i)`` for every
     point ``y``: the conditional velocity is affine in the data point with slope ``-gamma``.
     """
     if isinstance(path, LinearPath):
         s = path.sigma_min
-        sigma = s + (1 - s) * t
-        return 1 - t, sigma, 1 / sigma.clamp_min(_TINY_SIGMA)
+        sigma = (s + (1 - s) * t).clamp_min(_TINY_SIGMA)
+        return 1 - t, sigma, 1 / sigma
     if isinstance(path, VPPath):
         angle = t * (math.pi / 2)
-        sigma = torch.sin(angle)
-        return torch.cos(angle), sigma, (math.pi / 2) / sigma.clamp_min(_TINY_SIGMA)
+        sigma = torch.sin(angle).clamp_min(_TINY_SIGMA)
+        return torch.cos(angle), sigma, (math.pi / 2) / sigma
     raise ConfigError(f"the averaged target is defined for the linear and vp paths, not "
                       f"{type(path).__name__}")
 
@@ -87,7 +88,6 @@ def averaged_velocity(path: LinearPath | VPPath, x: torch.Tensor, z: torch.Tenso
     """
     n = x.shape[0]
     a, sigma, gamma = (v.reshape(n, 1) for v in path_gaussian(path, t.to(torch.float64)))
-    sigma = sigma.clamp_min(_TINY_SIGMA)
     xs = x.detach().reshape(n, -1).to(torch.float64)
     zs = z.detach().reshape(n, -1).to(torch.float64)
     rows = torch.cat([a * zs / sigma + (a / sigma).pow(2) * xs, -0.5 * (a / sigma).pow(2)], 1)
