@@ -45,18 +45,33 @@ ROOT = Path(__file__).resolve().parent
 TIMES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
+def _scales(path: LinearPath, t: float) -> tuple[float, float]:
+    return 1.0 - t, path.sigma_min + (1.0 - path.sigma_min) * t
+
+
+def posterior(centres: torch.Tensor, std: float, path: LinearPath, y: torch.Tensor, t: float):
+    """The posterior of the data point behind ``x_t = y`` for an equal-weight mixture of
+    ``N(centre, std^2 I)``: component probabilities ``(n, k)``, component means ``(n, k, d)``
+    and the common standard deviation."""
+    a, sigma = _scales(path, t)
+    var = (a * std) ** 2 + sigma**2  # x_t | component k ~ N(a centre_k, var I)
+    offset = y[:, None, :] - a * centres[None]  # (n, k, d)
+    resp = torch.softmax(-offset.pow(2).sum(2) / (2 * var), dim=1)
+    return resp, centres[None] + (a * std**2 / var) * offset, std * sigma / var**0.5
+
+
+def velocity_given_mean(path: LinearPath, y: torch.Tensor, t: float, mean: torch.Tensor):
+    """``E[(1 - sigma_min) z - x | x_t = y]`` from ``mean = E[x | x_t = y]``."""
+    a, sigma = _scales(path, t)
+    return (1.0 - path.sigma_min) * (y - a * mean) / sigma - mean
+
+
 def exact_velocity(centres: torch.Tensor, std: float, path: LinearPath, y: torch.Tensor,
                    t: float) -> torch.Tensor:
     """The marginal velocity at ``y`` of the linear path from an equal-weight mixture of
     ``N(centre, std^2 I)`` (float64)."""
-    a = 1.0 - t
-    sigma = path.sigma_min + (1.0 - path.sigma_min) * t
-    var = (a * std) ** 2 + sigma**2  # x_t | component k ~ N(a centre_k, var I)
-    offset = y[:, None, :] - a * centres[None]  # (n, k, d)
-    resp = torch.softmax(-offset.pow(2).sum(2) / (2 * var), dim=1)
-    means = centres[None] + (a * std**2 / var) * offset  # E[x | x_t, k]
-    posterior_mean = (resp[..., None] * means).sum(1)
-    return (1.0 - path.sigma_min) * (y - a * posterior_mean) / sigma - posterior_mean
+    resp, means, _ = posterior(centres, std, path, y, t)
+    return velocity_given_mean(path, y, t, (resp[..., None] * means).sum(1))
 
 
 def target_errors(data, path: LinearPath, batch_size: int, batches: int, fields: dict,
@@ -86,22 +101,22 @@ def target_errors(data, path: LinearPath, batch_size: int, batches: int, fields:
 def target_bias(data, path: LinearPath, batch_size: int, points: int, repeats: int,
                 seed: int = 0) -> list[dict]:
     """Per time: squared bias, its Monte-Carlo floor and the variance of the averaged target
-    with the given batch size (the batch holds the data point behind each path point)."""
+    with the given batch size (the batch holds the data point behind each path point).
+
+    The estimate is that of :func:`flowlab.fm.targets.averaged_velocity` (checked against
+    brute force in ``tests/fm/test_targets.py``), written here for one path point and many
+    batches at a time: the Gaussian-weighted mean of the batch's data points, turned into a
+    velocity.
+    """
     generator = torch.Generator().manual_seed(seed)
     centres, std = data.centres, data.std
     rows = []
     for t in TIMES:
-        a = 1.0 - t
-        sigma = path.sigma_min + (1.0 - path.sigma_min) * t
+        a, sigma = _scales(path, t)
         x = data.sample(points, generator=generator).to(torch.float64)
         y = a * x + sigma * torch.randn(x.shape, generator=generator, dtype=torch.float64)
         exact = exact_velocity(centres, std, path, y, t)
-        # the exact posterior of the data point behind y: a mixture of Gaussians
-        var = (a * std) ** 2 + sigma**2
-        offset = y[:, None, :] - a * centres[None]
-        resp = torch.softmax(-offset.pow(2).sum(2) / (2 * var), dim=1)
-        means = centres[None] + (a * std**2 / var) * offset
-        sd = std * sigma / var**0.5
+        resp, means, sd = posterior(centres, std, path, y, t)
         total = torch.zeros_like(y)
         square = torch.zeros_like(y)
         rows_index = torch.arange(points)
@@ -114,8 +129,7 @@ def target_bias(data, path: LinearPath, batch_size: int, points: int, repeats: i
                 points, batch_size - 1, -1)], dim=1)  # (points, batch, d)
             weights = torch.softmax(-(y[:, None] - a * batch).pow(2).sum(2) / (2 * sigma**2),
                                     dim=1)
-            mean = (weights[..., None] * batch).sum(1)
-            estimate = (1.0 - path.sigma_min) * (y - a * mean) / sigma - mean
+            estimate = velocity_given_mean(path, y, t, (weights[..., None] * batch).sum(1))
             total += estimate
             square += estimate**2
         average = total / repeats

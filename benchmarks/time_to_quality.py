@@ -28,9 +28,9 @@ machine, in the same run:
   (``--target averaged``: each pair's velocity replaced by its posterior average over the
   batch, :mod:`flowlab.fm.targets`), the Fourier field, a budget of 60 s;
 - ``cfm-avg-fourier-ema-60s``: the same with an exponential moving average of the weights
-  (``--ema 0.999``), which averages out what is left of the target's noise (the field's
-  error against the exact marginal velocity of 8gaussians is set by that noise, not by the
-  network: with the exact velocity as the target the same field reaches 0.0006 nats in 60 s);
+  (``--ema 0.999``), tried against what is left of the target's noise (on 8gaussians that
+  noise, not the network, sets the field's error: ``benchmarks/fm_target_noise.py``); it
+  moves each density by about a standard error or less, in both directions;
 - ``zuko``: the peer, ``zuko.flows.CNF`` (64 x 3 ELU, exact trace, zuko's solver and
   adjoint) trained by maximum likelihood (``benchmarks/peers/zuko_cnf.py``), same learning
   rate and schedule as flowlab's FFJORD.
