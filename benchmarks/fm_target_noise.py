@@ -38,15 +38,17 @@ import torch
 
 from flowlab.data import get_dataset
 from flowlab.fm.paths import LinearPath
-from flowlab.fm.targets import averaged_velocity
+from flowlab.fm.targets import averaged_velocity, path_gaussian
 from flowlab.train.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parent
 TIMES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
-def _scales(path: LinearPath, t: float) -> tuple[float, float]:
-    return 1.0 - t, path.sigma_min + (1.0 - path.sigma_min) * t
+def _scales(path: LinearPath, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, sigma)`` of ``x_t | x ~ N(a x, sigma^2 I)`` at time ``t``, as 0-d float64 tensors."""
+    a, sigma, _ = path_gaussian(path, torch.tensor(t, dtype=torch.float64))
+    return a, sigma
 
 
 def posterior(centres: torch.Tensor, std: float, path: LinearPath, y: torch.Tensor, t: float):

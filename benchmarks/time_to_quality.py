@@ -101,9 +101,8 @@ SHORT_BUDGETS = {"ot-cfm-fourier-60s": 60.0, "ot-cfm-ml": 60.0, "cfm-avg-fourier
 # methods that start from weights pre-trained by flow matching for the first part of their
 # budget: (seconds of pre-training, its `flowlab train` options); METHODS holds the second part
 PRETRAIN = {"ot-cfm-ml": (30.0, ["--model", "cfm", "--coupling", "ot", "--hidden", "64,64,64"])}
-FLOWLAB_METHODS = ("ffjord", "ffjord-rnode", "cfm", "ot-cfm", "ot-cfm-fourier",
-                   "ot-cfm-fourier-60s", "ot-cfm-ml", "cfm-avg-fourier-60s",
-                   "cfm-avg-fourier-ema-60s")
+# flowlab's methods: every one trained by `flowlab train` (the peer has no options there)
+FLOWLAB_METHODS = tuple(m for m, options in METHODS.items() if options is not None)
 GRID = (10, 20, 30, 45, 60, 90, 120, 180, 300, 450, 600)
 BUDGETS = (60, 180, 600)
 THRESHOLD = 0.10
