@@ -50,6 +50,16 @@ Usage (from the repository root, after ``pip install -e ".[bench]"``)::
     python benchmarks/time_to_quality.py --datasets rings --methods ffjord,ot-cfm --jobs 2
     python benchmarks/time_to_quality.py --table-only        # rebuild table and plots
     python benchmarks/time_to_quality.py --methods cfm-avg-fourier-60s --jobs 2 --merge
+    python benchmarks/time_to_quality.py --datasets 8gaussians --seeds 0,1,2 --jobs 2 \
+        --methods ffjord,cfm-avg-fourier-60s,cfm-avg-fourier-ema-60s --merge
+
+Training runs: one run of each method is one draw, and on the easy densities a second
+training of FFJORD lands as far from the first as flow matching lands from FFJORD. ``--seeds
+0,1,2`` trains each cell again with the other seeds (the initialization and the data stream;
+the test points stay the same) and evaluates only their final models, in
+``runs/ttq/DATASET/seed-S/METHOD``. Where FFJORD and a flowlab method trained for a tenth of
+its budget or less both have three runs or more (MIN_SEEDS), the verdict also compares their
+mean final KLs, with the standard error of the difference; the table and figures show seed 0.
 
 Finished cells (``runs/ttq/DATASET/METHOD/cell.json``) are kept and not rerun unless
 ``--force``, so the benchmark can be run in parts; the table covers every finished cell.
@@ -70,6 +80,7 @@ import json
 import math
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -108,6 +119,8 @@ BUDGETS = (60, 180, 600)
 THRESHOLD = 0.10
 N_TEST, N_TRACK = 20_000, 2_000
 CELL = "cell.json"
+# training runs (seeds) each side needs before the verdict also compares means over runs
+MIN_SEEDS = 3
 STAGES = {"euler": 1, "midpoint": 2, "rk4": 4}  # function evaluations per fixed step
 
 
@@ -184,11 +197,11 @@ def _density_grid(method: str, run: Path, snapshot: str, bounds: float, resoluti
 
 
 def _train_flowlab(name: str, options: list[str], seconds: float, out: Path,
-                   snapshot_at: list[float]) -> None:
+                   snapshot_at: list[float], seed: int = 0) -> None:
     from flowlab.cli import main as flowlab
 
     code = flowlab(["train", "--data", name, *options, "--seconds", str(seconds), "--out",
-                    str(out), "--force", "--no-progress", "--threads", "1",
+                    str(out), "--force", "--no-progress", "--threads", "1", "--seed", str(seed),
                     "--snapshot-at", ",".join(str(t) for t in snapshot_at)])
     if code != 0:
         raise SystemExit(f"training {options} on {name} into {out} failed")
@@ -264,6 +277,34 @@ def run_cell(method: str, name: str, seconds: float, run: Path, zuko_lr: float) 
     (run / CELL).write_text(json.dumps(cell))
 
 
+def replicate_folder(runs: Path, name: str, method: str, seed: int) -> Path:
+    """Where a cell's run with training seed ``seed`` lives (seed 0: the table's own cell)."""
+    return runs / name / method if seed == 0 else runs / name / f"seed-{seed}" / method
+
+
+def run_replicate(method: str, name: str, seconds: float, run: Path, seed: int) -> None:
+    """Train a cell again with another training seed (the initialization and the data stream)
+    and evaluate its final model only, in full: replicates give the verdict the spread of a
+    second training, which one run on one test sample cannot show."""
+    import torch
+
+    from flowlab.data import get_dataset
+    from flowlab.eval import heldout_points
+
+    torch.set_num_threads(1)
+    seconds = min(seconds, SHORT_BUDGETS.get(method, seconds))
+    _train_flowlab(name, METHODS[method], seconds, run, [seconds], seed=seed)
+    dataset = get_dataset(name)
+    final = _snapshot_index(run, method)[-1]
+    row = _evaluate_flowlab(run, final["file"], heldout_points(dataset, N_TEST), dataset, True)
+    replicate = {"method": method, "dataset": name, "seed": seed, "budget": seconds,
+                 "step": final["step"], **{k: row[k] for k in ("gap_nats", "nll_se", "kl_nats",
+                                                             "kl_se")}}
+    print(f"{name:>12} {method:>12} seed {seed} t={seconds:.0f}s step {final['step']:>6} "
+          f"KL {row['kl_nats']:.4f} ± {row['kl_se']:.4f}", flush=True)
+    (run / CELL).write_text(json.dumps(replicate))
+
+
 # -- the table ---------------------------------------------------------------------------------
 def _at(cell: dict, budget: float) -> dict | None:
     return next((r for r in cell["snapshots"] if r["at"] == budget), None)
@@ -292,11 +333,57 @@ def best_flowlab_gap_by(row_cells: dict[str, dict], budget: float) -> float | No
                default=None)
 
 
+def _mean_se(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "se": statistics.stdev(values) / math.sqrt(
+        len(values)), "runs": len(values)}
+
+
+def final_kls(cell: dict | None, replicates: dict[int, dict]) -> list[float]:
+    """The final paired KLs of a method's training runs: the table's cell (seed 0, its last
+    snapshot, at the end of its budget) and its replicates, in the order of their seeds."""
+    kls = {seed: r["kl_nats"] for seed, r in replicates.items()}
+    if cell is not None and cell["snapshots"][-1].get("kl_nats") is not None:
+        kls[0] = cell["snapshots"][-1]["kl_nats"]
+    return [kls[seed] for seed in sorted(kls)]
+
+
+def replicated_verdict(row_cells: dict[str, dict], row_replicates: dict[str, dict[int, dict]],
+                       budget: float) -> dict | None:
+    """FFJORD's final KL at ``budget`` against each flowlab method trained for a tenth of it or
+    less, as means over training runs (None: fewer than MIN_SEEDS runs on either side).
+
+    One run of each is a single draw: on the easy densities two trainings of FFJORD differ by
+    as much as FFJORD and flow matching do. The means' difference gets the s.e. of two
+    independent means (the methods share only the seed, not a data stream or a path).
+    """
+    reference = final_kls(row_cells.get("ffjord"), row_replicates.get("ffjord", {}))
+    if len(reference) < MIN_SEEDS:
+        return None
+    ref = _mean_se(reference)
+    methods = {}
+    for method in FLOWLAB_METHODS:
+        if method == "ffjord" or SHORT_BUDGETS.get(method, budget) > budget / 10:
+            continue
+        kls = final_kls(row_cells.get(method), row_replicates.get(method, {}))
+        if len(kls) < MIN_SEEDS:
+            continue
+        mine = _mean_se(kls)
+        methods[method] = {**mine, "kls": kls, "diff": mine["mean"] - ref["mean"],
+                           "diff_se": math.hypot(mine["se"], ref["se"]),
+                           "reaches": mine["mean"] <= ref["mean"]}
+    if not methods:
+        return None
+    best = min(methods, key=lambda m: methods[m]["mean"])
+    return {"ffjord": {**ref, "kls": reference}, "methods": methods, "best": best}
+
+
 def _fmt(value, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
-def summarize(cells: dict[tuple[str, str], dict], budgets: tuple[float, ...]) -> tuple[str, dict]:
+def summarize(cells: dict[tuple[str, str], dict], budgets: tuple[float, ...],
+              replicates: dict[tuple[str, str], dict[int, dict]] | None = None,
+              ) -> tuple[str, dict]:
     lines = [
         "| dataset | method | steps | " + " | ".join(f"gap @ {b:.0f} s" for b in budgets)
         + f" | KL @ {budgets[-1]:.0f} s | time to gap ≤ {THRESHOLD} | time to FFJORD@"
@@ -358,6 +445,9 @@ def summarize(cells: dict[tuple[str, str], dict], budgets: tuple[float, ...]) ->
             "closest": None if closest is None else {
                 "kl_nats": closest[0], "seconds": closest[1], "method": closest[2]},
             "smaller_gap_than_zuko_at_every_budget": beats_zuko,
+            "replicated": replicated_verdict(
+                row_cells, {m: r for (n, m), r in (replicates or {}).items() if n == name},
+                budgets[-1]),
         }
     return "\n".join(lines), verdicts
 
@@ -378,10 +468,41 @@ def verdict_line(name: str, verdict: dict, budget: float) -> str:
         text = f"no other flowlab CNF reaches {quality} in the runs made" + (
             "" if closest is None else f" (closest: {closest['method']}, "
             f"{closest['kl_nats']:.4f} nats at {closest['seconds']:.0f} s)")
+    replicated = verdict.get("replicated")
+    if replicated is not None:
+        ref, best = replicated["ffjord"], replicated["methods"][replicated["best"]]
+        text += (f"; over training runs, FFJORD's {budget:.0f}-s KL averages {ref['mean']:.4f} "
+                 f"± {ref['se']:.4f} ({ref['runs']} runs) and {replicated['best']}'s "
+                 f"{best['mean']:.4f} ± {best['se']:.4f} ({best['runs']} runs): "
+                 f"{'reached' if best['reaches'] else 'not reached'} on average (difference "
+                 f"{best['diff']:+.4f} ± {best['diff_se']:.4f})")
     beats = verdict["smaller_gap_than_zuko_at_every_budget"]
     if beats is not None:
         text += f"; smaller gap than zuko at every budget: {'yes' if beats else 'no'}"
     return f"- {name}: {text}"
+
+
+def replicates_table(cells: dict[tuple[str, str], dict],
+                     replicates: dict[tuple[str, str], dict[int, dict]]) -> str:
+    """The final KL of each training run, for every cell with replicates ('' if none)."""
+    lines = []
+    for name, method in sorted(replicates, key=lambda k: (DATASETS.index(k[0]),
+                                                          list(METHODS).index(k[1]))):
+        runs = dict(replicates[(name, method)])
+        cell = cells.get((name, method))
+        if cell is not None and cell["snapshots"][-1].get("kl_nats") is not None:
+            last = cell["snapshots"][-1]
+            runs[0] = {"kl_nats": last["kl_nats"], "step": last["step"]}
+        kls = [runs[seed]["kl_nats"] for seed in sorted(runs)]
+        spread = (f"{statistics.fmean(kls):.4f} ± "
+                  f"{statistics.stdev(kls) / math.sqrt(len(kls)):.4f}" if len(kls) > 1 else "-")
+        lines.append(f"| {name} | {method} | " + ", ".join(
+            f"{seed}: {runs[seed]['kl_nats']:.4f} ({runs[seed]['step']} steps)"
+            for seed in sorted(runs)) + f" | {spread} |")
+    if not lines:
+        return ""
+    return ("| dataset | method | final paired KL by training seed | mean ± s.e. over runs |\n"
+            "|---|---|---|---|\n" + "\n".join(lines))
 
 
 def sampling_table(cells: dict[tuple[str, str], dict]) -> str:
@@ -529,6 +650,29 @@ def load_cells(runs: Path, published: list[dict] | None = None) -> dict[tuple[st
     return cells
 
 
+def replicates_section(cells: dict[tuple[str, str], dict],
+                       replicates: dict[tuple[str, str], dict[int, dict]]) -> str:
+    table = replicates_table(cells, replicates)
+    if not table:
+        return ""
+    return ("## Training runs\n\nThe final paired KL (20,000 points, the same for every run) of "
+            "each run of the cells trained with more than one seed (`--seeds`); seed 0 is the "
+            "table's run. The verdict's means over runs above come from these.\n\n"
+            f"{table}\n\n")
+
+
+def load_replicates(runs: Path, published: list[dict] | None = None,
+                    ) -> dict[tuple[str, str], dict[int, dict]]:
+    """The replicates (runs with a training seed other than 0) by (dataset, method), then seed;
+    those finished under ``runs`` replace published ones of the same seed."""
+    out: dict[tuple[str, str], dict[int, dict]] = {}
+    found = sorted(runs.glob(f"*/seed-*/*/{CELL}"))
+    for replicate in [*(published or ()), *(json.loads(p.read_text()) for p in found)]:
+        out.setdefault((replicate["dataset"], replicate["method"]), {})[replicate["seed"]] = \
+            replicate
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default=",".join(DATASETS))
@@ -539,16 +683,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "results")
     parser.add_argument("--zuko-lr", type=float, default=5e-3,
                         help="learning rate of the zuko peer (flowlab's FFJORD default)")
+    parser.add_argument("--seeds", default="0",
+                        help="training seeds, e.g. 0,1,2: seed 0 is the table's run; each other "
+                             "seed trains a replicate whose final model is evaluated, for the "
+                             "verdict's means over training runs")
     parser.add_argument("--force", action="store_true", help="rerun finished cells")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--merge", action="store_true",
                         help="start from the published cells (time_to_quality.json) and add or "
                              "replace those finished under --runs")
-    parser.add_argument("--cell", nargs=2, metavar=("METHOD", "DATASET"), help=argparse.SUPPRESS)
+    parser.add_argument("--cell", nargs=3, metavar=("METHOD", "DATASET", "SEED"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.cell:
-        method, name = args.cell
-        run_cell(method, name, args.seconds, args.runs / name / method, args.zuko_lr)
+        method, name, seed = args.cell[0], args.cell[1], int(args.cell[2])
+        run = replicate_folder(args.runs, name, method, seed)
+        if seed == 0:
+            run_cell(method, name, args.seconds, run, args.zuko_lr)
+        else:
+            run_replicate(method, name, args.seconds, run, seed)
         return
     names = [n for n in args.datasets.split(",") if n]
     methods = [m for m in args.methods.split(",") if m]
@@ -558,17 +711,30 @@ def main(argv: list[str] | None = None) -> None:
     for n in names:
         if n not in DATASETS:
             parser.error(f"unknown dataset {n!r}; choose from {', '.join(DATASETS)}")
+    try:
+        seeds = sorted({int(v) for v in args.seeds.split(",") if v.strip()})
+    except ValueError:
+        parser.error(f"--seeds takes whole numbers separated by commas, e.g. 0,1,2; got "
+                     f"{args.seeds!r}")
+    if not seeds or seeds[0] < 0:
+        parser.error(f"--seeds takes seeds 0 or more, e.g. 0,1,2; got {args.seeds!r}")
+    if seeds != [0]:
+        refused = [m for m in methods if m not in FLOWLAB_METHODS or m in PRETRAIN]
+        if refused:
+            parser.error(f"replicates (seeds other than 0) are trained for flowlab's one-part "
+                         f"methods only, not {', '.join(refused)}; leave those out of --methods")
     published = published_results(parser, args.results / "time_to_quality.json", args.merge)
     if not args.table_only:
-        todo = [(m, n) for n in names for m in methods
-                if args.force or not (args.runs / n / m / CELL).is_file()]
-        lengths = sorted({min(args.seconds, SHORT_BUDGETS.get(m, args.seconds)) for m, _ in todo})
+        todo = [(m, n, seed) for seed in seeds for n in names for m in methods
+                if args.force or not (replicate_folder(args.runs, n, m, seed) / CELL).is_file()]
+        lengths = sorted({min(args.seconds, SHORT_BUDGETS.get(m, args.seconds))
+                          for m, _, _ in todo})
         print(f"{len(todo)} runs of {' or '.join(f'{b:.0f}' for b in lengths) or 0} s, "
               f"{args.jobs} at a time", flush=True)
 
         def launch(job):
-            method, name = job
-            cmd = [sys.executable, __file__, "--cell", method, name, "--seconds",
+            method, name, seed = job
+            cmd = [sys.executable, __file__, "--cell", method, name, str(seed), "--seconds",
                    str(args.seconds), "--runs", str(args.runs), "--zuko-lr", str(args.zuko_lr)]
             subprocess.run(cmd, check=True)
 
@@ -577,8 +743,9 @@ def main(argv: list[str] | None = None) -> None:
     cells = load_cells(args.runs, published["cells"] if published else None)
     if not cells:
         raise SystemExit(f"no finished runs under {args.runs}")
+    replicates = load_replicates(args.runs, published.get("replicates") if published else None)
     budgets = tuple(b for b in BUDGETS if b < args.seconds) + (args.seconds,)
-    text_table, verdicts = summarize(cells, budgets)
+    text_table, verdicts = summarize(cells, budgets, replicates)
     args.results.mkdir(parents=True, exist_ok=True)
     plot(cells, args.results / "time_to_quality.png")
     plot_densities(cells, args.results, per_method=args.merge)
@@ -600,7 +767,8 @@ def main(argv: list[str] | None = None) -> None:
         "with the smallest gap any flowlab CNF has reached by then (full evaluations); "
         "sampling NFE is the fewest function evaluations (euler/midpoint/rk4 at 1-16 steps, "
         "or adaptive) whose samples' MMD² to fresh data is within 2 s.e. of ffjord's adaptive "
-        f"samples.\n\n{text_table}\n\n{verdict_lines}\n\n![gap against time](time_to_quality.png)\n"
+        f"samples.\n\n{text_table}\n\n{verdict_lines}\n\n{replicates_section(cells, replicates)}"
+        "![gap against time](time_to_quality.png)\n"
         "\n## Sampling: quality against NFE\n\nMMD² × 1e3 between 5,000 samples of the "
         "final model and 5,000 fresh data points (0 for a perfect model; the same base noise in "
         "every column; zuko samples only with its own adaptive solver).\n\n"
@@ -609,7 +777,8 @@ def main(argv: list[str] | None = None) -> None:
     (args.results / "time_to_quality.md").write_text(text)
     (args.results / "time_to_quality.json").write_text(json.dumps(
         {"command": command, "machine": machine, "verdicts": verdicts, "cells": [
-            {k: v for k, v in c.items() if k != "density"} for c in cells.values()]}, indent=1))
+            {k: v for k, v in c.items() if k != "density"} for c in cells.values()],
+         "replicates": [r for runs in replicates.values() for r in runs.values()]}, indent=1))
     print(text)
 
 

@@ -1,6 +1,7 @@
 """The time-to-quality benchmark's table and verdicts, from made-up cells (no training)."""
 
 import json
+import statistics
 
 import pytest
 from benchload import load_benchmark
@@ -174,3 +175,147 @@ def test_merge_needs_published_results(tmp_path, capsys):
         ttq.main(["--table-only", "--merge", "--results", str(tmp_path)])
     assert stop.value.code == 2
     assert "--merge needs the results of an earlier run" in capsys.readouterr().err
+
+
+def _replicate(method: str, name: str, seed: int, kl: float, budget: float = 60.0) -> dict:
+    return {"method": method, "dataset": name, "seed": seed, "budget": budget, "step": 100 * seed,
+            "gap_nats": kl, "nll_se": 0.007, "kl_nats": kl, "kl_se": 0.0005}
+
+
+def _replicated_cells():
+    """8gaussians with three runs of ffjord and of the averaged target (seed 0: the cells),
+    two of the weight-averaged variant and three of a 600-s method."""
+    cells = _cells()
+    cells[("8gaussians", "cfm-avg-fourier-60s")] = _cell(
+        "cfm-avg-fourier-60s", "8gaussians", {30.0: 0.01, 60.0: 0.0016}, at=(60.0,))
+    cells[("8gaussians", "cfm-avg-fourier-ema-60s")] = _cell(
+        "cfm-avg-fourier-ema-60s", "8gaussians", {60.0: 0.0010}, at=(60.0,))
+    cells[("8gaussians", "ot-cfm")] = _cell("ot-cfm", "8gaussians", {600.0: 0.0001})
+    replicates = {
+        ("8gaussians", "ffjord"): {1: _replicate("ffjord", "8gaussians", 1, 0.0020, 600.0),
+                                   2: _replicate("ffjord", "8gaussians", 2, 0.0015, 600.0)},
+        ("8gaussians", "cfm-avg-fourier-60s"): {
+            1: _replicate("cfm-avg-fourier-60s", "8gaussians", 1, 0.0018),
+            2: _replicate("cfm-avg-fourier-60s", "8gaussians", 2, 0.0013)},
+        ("8gaussians", "cfm-avg-fourier-ema-60s"): {
+            1: _replicate("cfm-avg-fourier-ema-60s", "8gaussians", 1, 0.0009)},
+        ("8gaussians", "ot-cfm"): {1: _replicate("ot-cfm", "8gaussians", 1, 0.0001, 600.0),
+                                   2: _replicate("ot-cfm", "8gaussians", 2, 0.0001, 600.0)},
+    }
+    return cells, replicates
+
+
+def test_replicates_compare_means_over_training_runs():
+    cells, replicates = _replicated_cells()
+    _, verdicts = ttq.summarize(cells, BUDGETS, replicates)
+    gauss = verdicts["8gaussians"]
+    # one run each: the averaged target's 0.0016 misses FFJORD's 0.0014 (the weight-averaged
+    # variant's 0.0010 reaches it) ...
+    assert gauss["ffjord_kl"] == 0.0014 and gauss["best_time_to_ffjord_quality"] == 60.0
+    replicated = gauss["replicated"]
+    ffjord = replicated["ffjord"]
+    assert ffjord["kls"] == [0.0014, 0.0020, 0.0015] and ffjord["runs"] == 3
+    assert ffjord["mean"] == pytest.approx(0.0049 / 3)
+    assert ffjord["se"] == pytest.approx(statistics.stdev([0.0014, 0.0020, 0.0015]) / 3 ** 0.5)
+    # only methods trained for a tenth of FFJORD's budget, with three runs or more, count:
+    # not the 600-s ot-cfm, not the weight-averaged variant with two runs
+    assert set(replicated["methods"]) == {"cfm-avg-fourier-60s"}
+    mine = replicated["methods"]["cfm-avg-fourier-60s"]
+    assert mine["kls"] == [0.0016, 0.0018, 0.0013]
+    assert mine["diff"] == pytest.approx(0.0047 / 3 - 0.0049 / 3)
+    assert mine["diff_se"] == pytest.approx((mine["se"] ** 2 + ffjord["se"] ** 2) ** 0.5)
+    assert mine["reaches"] is True and replicated["best"] == "cfm-avg-fourier-60s"
+    line = ttq.verdict_line("8gaussians", gauss, 600.0)
+    assert ("over training runs, FFJORD's 600-s KL averages 0.0016 ± 0.0002 (3 runs) and "
+            "cfm-avg-fourier-60s's 0.0016 ± 0.0001 (3 runs): reached on average (difference "
+            "-0.0001 ± 0.0002)") in line
+    # a worse third run turns the mean against it, whatever seed 0 says
+    replicates[("8gaussians", "cfm-avg-fourier-60s")][2]["kl_nats"] = 0.0030
+    _, verdicts = ttq.summarize(cells, BUDGETS, replicates)
+    assert verdicts["8gaussians"]["replicated"]["methods"]["cfm-avg-fourier-60s"][
+        "reaches"] is False
+    assert "not reached on average" in ttq.verdict_line("8gaussians", verdicts["8gaussians"],
+                                                        600.0)
+
+
+def test_without_enough_runs_there_is_no_mean_verdict():
+    cells, replicates = _replicated_cells()
+    del replicates[("8gaussians", "ffjord")][2]
+    _, verdicts = ttq.summarize(cells, BUDGETS, replicates)
+    assert verdicts["8gaussians"]["replicated"] is None
+    assert "over training runs" not in ttq.verdict_line("8gaussians", verdicts["8gaussians"],
+                                                        600.0)
+    _, verdicts = ttq.summarize(cells, BUDGETS)
+    assert verdicts["8gaussians"]["replicated"] is None
+
+
+def test_replicates_are_kept_by_merge_and_listed(tmp_path):
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    results.mkdir()
+    cells, replicates = _replicated_cells()
+    published = [{**c, "budget": 600.0, "entropy": 2.83} for (name, _), c in cells.items()
+                 if name == "8gaussians"]
+    (results / "time_to_quality.json").write_text(json.dumps(
+        {"command": "python benchmarks/time_to_quality.py --jobs 2", "verdicts": {},
+         "cells": published, "replicates": [
+             replicates[("8gaussians", "ffjord")][1],
+             replicates[("8gaussians", "cfm-avg-fourier-60s")][1]]}))
+    for method, kl in (("ffjord", 0.0015), ("cfm-avg-fourier-60s", 0.0013)):
+        folder = ttq.replicate_folder(runs, "8gaussians", method, 2)
+        assert folder == runs / "8gaussians" / "seed-2" / method
+        folder.mkdir(parents=True)
+        (folder / ttq.CELL).write_text(json.dumps(
+            _replicate(method, "8gaussians", 2, kl, 600.0 if method == "ffjord" else 60.0)))
+    ttq.main(["--table-only", "--merge", "--runs", str(runs), "--results", str(results)])
+    merged = json.loads((results / "time_to_quality.json").read_text())
+    assert {(r["method"], r["seed"]) for r in merged["replicates"]} == {
+        ("ffjord", 1), ("ffjord", 2), ("cfm-avg-fourier-60s", 1), ("cfm-avg-fourier-60s", 2)}
+    assert merged["verdicts"]["8gaussians"]["replicated"]["best"] == "cfm-avg-fourier-60s"
+    text = (results / "time_to_quality.md").read_text()
+    assert "## Training runs" in text
+    assert ("| 8gaussians | ffjord | 0: 0.0014 (6000 steps), 1: 0.0020 (100 steps), "
+            "2: 0.0015 (200 steps) | 0.0016 ± 0.0002 |") in text
+    # the replicate cells under runs are not table cells of their own
+    assert len(merged["cells"]) == len(published)
+
+
+def test_a_replicate_trains_with_its_seed_and_evaluates_the_final_model(tmp_path, monkeypatch):
+    calls = {}
+
+    def train(name, options, seconds, out, snapshot_at, seed=0):
+        calls.update(name=name, options=options, seconds=seconds, snapshot_at=snapshot_at,
+                     seed=seed)
+        (out / "snapshots").mkdir(parents=True)
+        (out / "snapshots" / "snapshots.json").write_text(json.dumps(
+            [{"file": "t60.pt", "at": 60.0, "seconds": 60.0, "step": 3900}]))
+
+    def evaluate(run, snapshot, points, dataset, full):
+        calls.update(snapshot=snapshot, n=len(points), full=full)
+        return {"gap_nats": 0.002, "nll_se": 0.007, "kl_nats": 0.0017, "kl_se": 0.0005,
+                "seconds": 1.0}
+
+    monkeypatch.setattr(ttq, "_train_flowlab", train)
+    monkeypatch.setattr(ttq, "_evaluate_flowlab", evaluate)
+    run = ttq.replicate_folder(tmp_path, "8gaussians", "cfm-avg-fourier-60s", 3)
+    ttq.run_replicate("cfm-avg-fourier-60s", "8gaussians", 600.0, run, 3)
+    assert calls == {"name": "8gaussians", "options": ttq.METHODS["cfm-avg-fourier-60s"],
+                     "seconds": 60.0, "snapshot_at": [60.0], "seed": 3, "snapshot": "t60.pt",
+                     "n": ttq.N_TEST, "full": True}
+    written = json.loads((run / ttq.CELL).read_text())
+    assert written == _replicate("cfm-avg-fourier-60s", "8gaussians", 3, 0.0017) | {
+        "step": 3900, "gap_nats": 0.002}
+    assert ttq.load_replicates(tmp_path)[("8gaussians", "cfm-avg-fourier-60s")][3] == written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0,1", "--methods", "zuko"], "not zuko"),
+    (["--seeds", "0,1", "--methods", "ffjord,ot-cfm-ml"], "not ot-cfm-ml"),
+    (["--seeds", "one"], "--seeds takes whole numbers"),
+    (["--seeds=-1,0"], "--seeds takes seeds 0 or more"),
+])
+def test_bad_seeds_are_refused_before_any_training(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as stop:
+        ttq.main([*argv, "--runs", str(tmp_path / "runs"), "--results", str(tmp_path)])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
