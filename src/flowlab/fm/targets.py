@@ -27,11 +27,14 @@ depends on the rest of the batch, so the posterior above is not that of the pair
 
 Measured on this project's 2-core machine (one core, 60-s budget, the Fourier field, batch
 512, paired KL on 20,000 test points): 8gaussians 0.0265 nats with the conditional target,
-0.0018-0.0020 with the averaged one (three runs); moons 0.0135 against 0.0032. The weights
+0.0018-0.0025 with the averaged one (six runs); moons 0.0135 against 0.0032. The weights
 cost an n x n softmax per step (2.6 ms of a 13.4-ms step at n = 512 with the Fourier field,
 one core; ``benchmarks/fm_target_cost.py``), so the batch is the reference set: 4,096
 reference points (the last eight batches) cut the steps in a minute by two thirds and ended
-worse (0.0052). What is left is noise, not bias: near the data end the posterior is narrower
+worse (0.0052). References must be fresh draws: a fixed pool's noise is the same at every step,
+so it does not average out and the field learns it (the rows in t in [0.1, 0.5) against a fixed
+pool of 4,096 points ended at 0.0133 nats, against 2,048 points drawn afresh each step at
+0.0020). What is left is noise, not bias: near the data end the posterior is narrower
 than the spacing of the batch, so the average there is the conditional velocity again
 (``benchmarks/fm_target_noise.py`` scores both targets against the exact marginal velocity of
 8gaussians). See the time-to-quality account in the README.
