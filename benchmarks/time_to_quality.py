@@ -338,13 +338,19 @@ def _mean_se(values: list[float]) -> dict[str, float]:
         len(values)), "runs": len(values)}
 
 
-def final_kls(cell: dict | None, replicates: dict[int, dict]) -> list[float]:
-    """The final paired KLs of a method's training runs: the table's cell (seed 0, its last
-    snapshot, at the end of its budget) and its replicates, in the order of their seeds."""
-    kls = {seed: r["kl_nats"] for seed, r in replicates.items()}
+def training_runs(cell: dict | None, replicates: dict[int, dict]) -> dict[int, dict]:
+    """A method's training runs by seed, each with its final paired KL and steps: the table's
+    cell (seed 0, its last snapshot, at the end of its budget) and its replicates."""
+    runs = dict(replicates)
     if cell is not None and cell["snapshots"][-1].get("kl_nats") is not None:
-        kls[0] = cell["snapshots"][-1]["kl_nats"]
-    return [kls[seed] for seed in sorted(kls)]
+        last = cell["snapshots"][-1]
+        runs[0] = {"kl_nats": last["kl_nats"], "step": last["step"]}
+    return dict(sorted(runs.items()))
+
+
+def final_kls(cell: dict | None, replicates: dict[int, dict]) -> list[float]:
+    """The final paired KLs of a method's training runs, in the order of their seeds."""
+    return [run["kl_nats"] for run in training_runs(cell, replicates).values()]
 
 
 def replicated_verdict(row_cells: dict[str, dict], row_replicates: dict[str, dict[int, dict]],
@@ -488,17 +494,12 @@ def replicates_table(cells: dict[tuple[str, str], dict],
     lines = []
     for name, method in sorted(replicates, key=lambda k: (DATASETS.index(k[0]),
                                                           list(METHODS).index(k[1]))):
-        runs = dict(replicates[(name, method)])
-        cell = cells.get((name, method))
-        if cell is not None and cell["snapshots"][-1].get("kl_nats") is not None:
-            last = cell["snapshots"][-1]
-            runs[0] = {"kl_nats": last["kl_nats"], "step": last["step"]}
-        kls = [runs[seed]["kl_nats"] for seed in sorted(runs)]
-        spread = (f"{statistics.fmean(kls):.4f} ± "
-                  f"{statistics.stdev(kls) / math.sqrt(len(kls)):.4f}" if len(kls) > 1 else "-")
+        runs = training_runs(cells.get((name, method)), replicates[(name, method)])
+        kls = [run["kl_nats"] for run in runs.values()]
+        spread = "-" if len(kls) < 2 else "{mean:.4f} ± {se:.4f}".format(**_mean_se(kls))
         lines.append(f"| {name} | {method} | " + ", ".join(
-            f"{seed}: {runs[seed]['kl_nats']:.4f} ({runs[seed]['step']} steps)"
-            for seed in sorted(runs)) + f" | {spread} |")
+            f"{seed}: {run['kl_nats']:.4f} ({run['step']} steps)" for seed, run in runs.items())
+            + f" | {spread} |")
     if not lines:
         return ""
     return ("| dataset | method | final paired KL by training seed | mean ± s.e. over runs |\n"
