@@ -488,9 +488,10 @@ def verdict_line(name: str, verdict: dict, budget: float) -> str:
     return f"- {name}: {text}"
 
 
-def replicates_table(cells: dict[tuple[str, str], dict],
-                     replicates: dict[tuple[str, str], dict[int, dict]]) -> str:
-    """The final KL of each training run, for every cell with replicates ('' if none)."""
+def replicates_section(cells: dict[tuple[str, str], dict],
+                       replicates: dict[tuple[str, str], dict[int, dict]]) -> str:
+    """The report's section with the final KL of each training run, for every cell with
+    replicates ('' if none)."""
     lines = []
     for name, method in sorted(replicates, key=lambda k: (DATASETS.index(k[0]),
                                                           list(METHODS).index(k[1]))):
@@ -502,8 +503,11 @@ def replicates_table(cells: dict[tuple[str, str], dict],
             + f" | {spread} |")
     if not lines:
         return ""
-    return ("| dataset | method | final paired KL by training seed | mean ± s.e. over runs |\n"
-            "|---|---|---|---|\n" + "\n".join(lines))
+    return ("## Training runs\n\nThe final paired KL (20,000 points, the same for every run) of "
+            "each run of the cells trained with more than one seed (`--seeds`); seed 0 is the "
+            "table's run. The verdict's means over runs above come from these.\n\n"
+            "| dataset | method | final paired KL by training seed | mean ± s.e. over runs |\n"
+            "|---|---|---|---|\n" + "\n".join(lines) + "\n\n")
 
 
 def sampling_table(cells: dict[tuple[str, str], dict]) -> str:
@@ -649,17 +653,6 @@ def load_cells(runs: Path, published: list[dict] | None = None) -> dict[tuple[st
         cell = json.loads(path.read_text())
         cells[(cell["dataset"], cell["method"])] = cell
     return cells
-
-
-def replicates_section(cells: dict[tuple[str, str], dict],
-                       replicates: dict[tuple[str, str], dict[int, dict]]) -> str:
-    table = replicates_table(cells, replicates)
-    if not table:
-        return ""
-    return ("## Training runs\n\nThe final paired KL (20,000 points, the same for every run) of "
-            "each run of the cells trained with more than one seed (`--seeds`); seed 0 is the "
-            "table's run. The verdict's means over runs above come from these.\n\n"
-            f"{table}\n\n")
 
 
 def load_replicates(runs: Path, published: list[dict] | None = None,
