@@ -141,6 +141,21 @@ def target_bias(data, path: LinearPath, batch_size: int, points: int, repeats: i
     return rows
 
 
+def report_head(script: str, argv: list[str] | None) -> list[str]:
+    """The command and machine lines that open a report of ``benchmarks/<script>``."""
+    arguments = " ".join(sys.argv[1:] if argv is None else argv)
+    return [f"Command: `python benchmarks/{script} {arguments}`  ",
+            f"Machine: {platform.machine()}, Python {platform.python_version()}, torch "
+            f"{torch.__version__}."]
+
+
+def write_report(file: Path, lines: list[str]) -> None:
+    """Write the report's lines to ``file`` (creating its folder) and print them."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, nargs="*", default=[],
@@ -169,10 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Flow-matching targets and fields against the exact marginal velocity",
         "",
-        "Command: `python benchmarks/fm_target_noise.py "
-        + " ".join(sys.argv[1:] if argv is None else argv) + "`  ",
-        f"Machine: {platform.machine()}, Python {platform.python_version()}, torch "
-        f"{torch.__version__}.",
+        *report_head("fm_target_noise.py", argv),
         "",
         f"Mean squared error E|target - u_t(x_t)|^2 on 8gaussians, linear path (sigma_min "
         f"{path.sigma_min:g}), over {args.batches} batches of {args.batch_size} points per time:",
@@ -197,9 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                                args.bias_repeats):
             lines.append(f"| {row['t']:.2f} | {row['bias2']:.6f} | {row['floor']:.6f} | "
                          f"{row['variance']:.5f} |")
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "fm_target_noise.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.results / "fm_target_noise.md", lines)
 
 
 if __name__ == "__main__":
