@@ -14,8 +14,11 @@ error against it (over ``y ~ p_t``) of
 - the field of each trained run given with ``--runs`` (``flowlab train --model cfm`` folders).
 
 A field trained on a noisy target ends with an error set by that noise and by how well the
-training averages it out; its error at each time shows where the likelihood is lost. The
-density itself is used here only to score; no model is trained on it.
+training averages it out; its error at each time shows where the likelihood is lost. For each
+field the error of its Jacobian ``dv/dy`` is given too (mean squared Frobenius norm against
+the exact velocity's Jacobian): the log-density integrates the field's divergence, so a small
+error that varies quickly, barely visible in the mean squared error, can still cost likelihood.
+The density itself is used here only to score; no model is trained on it.
 
 With ``--bias-repeats R`` it also splits the averaged target's error into bias and noise: for
 ``--bias-points`` path points ``y`` (drawn with their data points from the path), the data
@@ -79,11 +82,13 @@ def exact_velocity(centres: torch.Tensor, std: float, path: LinearPath, y: torch
 def target_errors(data, path: LinearPath, batch_size: int, batches: int, fields: dict,
                   seed: int = 0) -> list[dict]:
     """Per time: mean squared error against the exact velocity of the conditional and the
-    averaged target, and of each field in ``fields`` (name -> callable ``(t, y)``)."""
+    averaged target, and of each field in ``fields`` (name -> callable ``(t, y)``), with the
+    field's Jacobian error under ``"<name> jacobian"``."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for t in TIMES:
-        sums = {"conditional": 0.0, "averaged": 0.0, **{name: 0.0 for name in fields}}
+        sums = {"conditional": 0.0, "averaged": 0.0, **{name: 0.0 for name in fields},
+                **{f"{name} jacobian": 0.0 for name in fields}}
         for _ in range(batches):
             x = data.sample(batch_size, generator=generator).to(torch.float64)
             z = torch.randn(x.shape, generator=generator, dtype=torch.float64)
@@ -93,11 +98,27 @@ def target_errors(data, path: LinearPath, batch_size: int, batches: int, fields:
             averaged = averaged_velocity(path, x, z, times, conditional)
             sums["conditional"] += (conditional - exact).pow(2).sum(1).mean().item()
             sums["averaged"] += (averaged - exact).pow(2).sum(1).mean().item()
+            if fields:
+                exact_jacobian = jacobian(lambda q, t=t: exact_velocity(
+                    data.centres, data.std, path, q, t), y)
             for name, field in fields.items():
                 with torch.no_grad():
                     sums[name] += (field(times, y) - exact).pow(2).sum(1).mean().item()
+                error = jacobian(lambda q, f=field, s=times: f(s, q), y) - exact_jacobian
+                sums[f"{name} jacobian"] += error.pow(2).sum((1, 2)).mean().item()
         rows.append({"t": t, **{k: v / batches for k, v in sums.items()}})
     return rows
+
+
+def jacobian(function, y: torch.Tensor) -> torch.Tensor:
+    """Per-row Jacobians ``(n, d, d)`` of a row-wise map ``(n, d) -> (n, d)``, entry ``[i, j]``
+    the derivative of output ``i`` with respect to input ``j``."""
+    y = y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        v = function(y)
+        rows = [torch.autograd.grad(v[:, i].sum(), y, retain_graph=True)[0]
+                for i in range(v.shape[1])]
+    return torch.stack(rows, 1).detach()
 
 
 def target_bias(data, path: LinearPath, batch_size: int, points: int, repeats: int,
@@ -194,6 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for row in rows:
         lines.append(f"| {row['t']:.2f} | " + " | ".join(f"{row[k]:.5f}" for k in keys) + " |")
+    if fields:
+        lines += [
+            "",
+            "Jacobian error of each field, E||dv/dy - du_t/dy||_F^2 over the same points:",
+            "",
+            "| t | " + " | ".join(fields) + " |",
+            "|---|" + "---|" * len(fields),
+        ]
+        for row in rows:
+            lines.append(f"| {row['t']:.2f} | "
+                         + " | ".join(f"{row[f'{k} jacobian']:.4f}" for k in fields) + " |")
     if args.bias_repeats > 0:
         lines += [
             "",

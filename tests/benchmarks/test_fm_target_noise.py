@@ -42,13 +42,37 @@ def test_report_scores_targets_and_a_trained_field(tmp_path):
     noise.main(["--runs", str(run), "--batch-size", "256", "--batches", "1", "--results",
                 str(tmp_path)])
     lines = (tmp_path / "fm_target_noise.md").read_text().splitlines()
+    start = lines.index("| t | run |")  # the second table: the field's Jacobian error
     rows = {float(line.split("|")[1]): [float(v) for v in line.split("|")[2:5]]
-            for line in lines if line.startswith("| 0.")}
+            for line in lines[:start] if line.startswith("| 0.")}
     assert sorted(rows) == list(noise.TIMES)
     for t, (conditional, averaged, field) in rows.items():
         assert all(math.isfinite(v) and v >= 0 for v in (conditional, averaged, field))
         if t >= 0.3:  # mid-path and beyond the batch average is far less noisy
             assert averaged < conditional / 5
+    jacobian = [line for line in lines[start:] if line.startswith("| 0.")]
+    assert [float(line.split("|")[1]) for line in jacobian] == list(noise.TIMES)
+    assert all(math.isfinite(float(line.split("|")[2])) and float(line.split("|")[2]) >= 0
+               for line in jacobian)
+
+
+def test_jacobian_of_the_exact_velocity_matches_finite_differences():
+    data, path = get_dataset("8gaussians"), LinearPath()
+    y = torch.tensor([[2.0, 2.2], [0.3, -0.1], [-2.5, 0.4]], dtype=torch.float64)
+    for t in (0.05, 0.5):
+        def velocity(q, t=t):
+            return noise.exact_velocity(data.centres, data.std, path, q, t)
+        got = noise.jacobian(velocity, y)
+        step = 1e-6
+        for j in range(2):
+            shift = torch.zeros(1, 2, dtype=torch.float64)
+            shift[0, j] = step
+            column = (velocity(y + shift) - velocity(y - shift)) / (2 * step)
+            torch.testing.assert_close(got[:, :, j], column, rtol=1e-6, atol=1e-6)
+    # a linear map's Jacobian is its matrix, row i the derivatives of output i
+    matrix = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    jac = noise.jacobian(lambda q: q @ matrix.T, y)
+    torch.testing.assert_close(jac, matrix.expand(3, 2, 2))
 
 
 def test_a_run_on_another_path_is_refused(tmp_path):
