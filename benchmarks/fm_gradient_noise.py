@@ -53,37 +53,35 @@ from flowlab.train.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from fm_target_noise import exact_velocity, report_head, write_report  # noqa: E402
+from fm_target_noise import (  # noqa: E402
+    exact_velocity,
+    path_scales,
+    posterior_average,
+    report_head,
+    write_report,
+)
 
 TIMES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 LOSSES = ("conditional", "averaged", "fresh blocks", "score matching", "exact")
 STEP = 1e-3  # central-difference step of the divergence (data units; float64)
 
 
-def fresh_block_velocity(path: LinearPath, x: torch.Tensor, z: torch.Tensor, t: torch.Tensor,
+def fresh_block_velocity(path: LinearPath, x: torch.Tensor, z: torch.Tensor, t: float,
                          references: torch.Tensor) -> torch.Tensor:
     """The posterior-average target with a reference set per block of rows.
 
     Args:
-        x, z, t: the rows' data points, noise and times, ``(n, d)``, ``(n, d)``, ``(n,)``.
+        x, z: the rows' data points and noise, ``(n, d)``, all at time ``t``.
         references: ``(blocks, size, d)`` data points; block ``b`` holds rows
             ``b * n / blocks`` to ``(b + 1) * n / blocks - 1``.
 
     Row ``i`` averages the conditional velocities over its own data point and its block's
     references, weighted by ``N(x_t; a x_j, sigma^2 I)``.
     """
-    blocks = references.shape[0]
-    n = x.shape[0]
-    a, sigma, _ = (v.reshape(n, 1) for v in path_gaussian(path, t))
-    y = a * x + sigma * z
-    own = -(y - a * x).pow(2).sum(1, keepdim=True) / (2 * sigma**2)
-    size = n // blocks
-    offsets = y.reshape(blocks, size, 1, -1) - a.reshape(blocks, size, 1, 1) * references[:, None]
-    others = -offsets.pow(2).sum(3).reshape(n, -1) / (2 * sigma**2)
-    weights = torch.softmax(torch.cat([own, others], 1), dim=1)
+    a, sigma = path_scales(path, t)
+    size = x.shape[0] // references.shape[0]
     points = torch.cat([x[:, None], references.repeat_interleave(size, dim=0)], 1)
-    mean = (weights[..., None] * points).sum(1)
-    return (1 - path.sigma_min) * (y - a * mean) / sigma - mean
+    return posterior_average(path, a * x + sigma * z, t, points)
 
 
 def score_matching_rows(field, path: LinearPath, t: torch.Tensor, y: torch.Tensor,
@@ -125,7 +123,7 @@ def gradient_noise(data, path: LinearPath, field, batch_size: int, batches: int,
                 "conditional": conditional,
                 "averaged": averaged_velocity(path, x, z, times, conditional),
                 "fresh blocks": fresh_block_velocity(
-                    path, x, z, times,
+                    path, x, z, t,
                     pool.to(torch.float64).reshape(batch_size // block, references, -1)),
                 "exact": exact_velocity(data.centres, data.std, path, y, t),
             }

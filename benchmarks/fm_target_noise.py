@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent
 TIMES = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 
 
-def _scales(path: LinearPath, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+def path_scales(path: LinearPath, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(a, sigma)`` of ``x_t | x ~ N(a x, sigma^2 I)`` at time ``t``, as 0-d float64 tensors."""
     a, sigma, _ = path_gaussian(path, torch.tensor(t, dtype=torch.float64))
     return a, sigma
@@ -58,7 +58,7 @@ def posterior(centres: torch.Tensor, std: float, path: LinearPath, y: torch.Tens
     """The posterior of the data point behind ``x_t = y`` for an equal-weight mixture of
     ``N(centre, std^2 I)``: component probabilities ``(n, k)``, component means ``(n, k, d)``
     and the common standard deviation."""
-    a, sigma = _scales(path, t)
+    a, sigma = path_scales(path, t)
     var = (a * std) ** 2 + sigma**2  # x_t | component k ~ N(a centre_k, var I)
     offset = y[:, None, :] - a * centres[None]  # (n, k, d)
     resp = torch.softmax(-offset.pow(2).sum(2) / (2 * var), dim=1)
@@ -67,8 +67,17 @@ def posterior(centres: torch.Tensor, std: float, path: LinearPath, y: torch.Tens
 
 def velocity_given_mean(path: LinearPath, y: torch.Tensor, t: float, mean: torch.Tensor):
     """``E[(1 - sigma_min) z - x | x_t = y]`` from ``mean = E[x | x_t = y]``."""
-    a, sigma = _scales(path, t)
+    a, sigma = path_scales(path, t)
     return (1.0 - path.sigma_min) * (y - a * mean) / sigma - mean
+
+
+def posterior_average(path: LinearPath, y: torch.Tensor, t: float,
+                      points: torch.Tensor) -> torch.Tensor:
+    """The averaged target at ``y``: the velocity of the posterior mean over each row's own
+    candidate data points ``points`` ``(n, k, d)``, weighted by ``N(y; a x_j, sigma^2 I)``."""
+    a, sigma = path_scales(path, t)
+    weights = torch.softmax(-(y[:, None] - a * points).pow(2).sum(2) / (2 * sigma**2), dim=1)
+    return velocity_given_mean(path, y, t, (weights[..., None] * points).sum(1))
 
 
 def exact_velocity(centres: torch.Tensor, std: float, path: LinearPath, y: torch.Tensor,
@@ -135,7 +144,7 @@ def target_bias(data, path: LinearPath, batch_size: int, points: int, repeats: i
     centres, std = data.centres, data.std
     rows = []
     for t in TIMES:
-        a, sigma = _scales(path, t)
+        a, sigma = path_scales(path, t)
         x = data.sample(points, generator=generator).to(torch.float64)
         y = a * x + sigma * torch.randn(x.shape, generator=generator, dtype=torch.float64)
         exact = exact_velocity(centres, std, path, y, t)
@@ -150,9 +159,7 @@ def target_bias(data, path: LinearPath, batch_size: int, points: int, repeats: i
             others = data.sample(points * (batch_size - 1), generator=generator)
             batch = torch.cat([own[:, None], others.to(torch.float64).reshape(
                 points, batch_size - 1, -1)], dim=1)  # (points, batch, d)
-            weights = torch.softmax(-(y[:, None] - a * batch).pow(2).sum(2) / (2 * sigma**2),
-                                    dim=1)
-            estimate = velocity_given_mean(path, y, t, (weights[..., None] * batch).sum(1))
+            estimate = posterior_average(path, y, t, batch)
             total += estimate
             square += estimate**2
         average = total / repeats

@@ -37,7 +37,10 @@ pool of 4,096 points ended at 0.0133 nats, against 2,048 points drawn afresh eac
 0.0020). What is left is noise, not bias: near the data end the posterior is narrower
 than the spacing of the batch, so the average there is the conditional velocity again
 (``benchmarks/fm_target_noise.py`` scores both targets against the exact marginal velocity of
-8gaussians). See the time-to-quality account in the README.
+8gaussians). Most of that noise's share of the batch gradient is common to the rows, since
+they all average over the same points; ``benchmarks/fm_gradient_noise.py`` measures it, and
+two ways to cut it (fresh references per block of rows, score matching near the data end)
+that left the one-minute result unchanged. See the time-to-quality account in the README.
 """
 
 from __future__ import annotations
