@@ -31,6 +31,10 @@ machine, in the same run:
   (``--ema 0.999``), tried against what is left of the target's noise (on 8gaussians that
   noise, not the network, sets the field's error: ``benchmarks/fm_target_noise.py``); it
   moves each density by about a standard error or less, in both directions;
+- ``cfm-avg-sob-fourier-ema-60s``: the same with the Sobolev term (``--sobolev 0.05``: for 64
+  rows per batch with t >= 0.25 the field's Jacobian is also regressed on the averaged
+  target's), against the Jacobian error that the likelihood integrates and that longer
+  training does not lower;
 - ``zuko``: the peer, ``zuko.flows.CNF`` (64 x 3 ELU, exact trace, zuko's solver and
   adjoint) trained by maximum likelihood (``benchmarks/peers/zuko_cnf.py``), same learning
   rate and schedule as flowlab's FFJORD.
@@ -104,11 +108,13 @@ METHODS = {
     "cfm-avg-fourier-60s": ["--model", "cfm", "--target", "averaged", "--field", "fourier"],
     "cfm-avg-fourier-ema-60s": ["--model", "cfm", "--target", "averaged", "--field", "fourier",
                                 "--ema", "0.999"],
+    "cfm-avg-sob-fourier-ema-60s": ["--model", "cfm", "--target", "averaged", "--field",
+                                    "fourier", "--ema", "0.999", "--sobolev", "0.05"],
     "zuko": None,
 }
 # methods trained for a budget of their own
 SHORT_BUDGETS = {"ot-cfm-fourier-60s": 60.0, "ot-cfm-ml": 60.0, "cfm-avg-fourier-60s": 60.0,
-                 "cfm-avg-fourier-ema-60s": 60.0}
+                 "cfm-avg-fourier-ema-60s": 60.0, "cfm-avg-sob-fourier-ema-60s": 60.0}
 # methods that start from weights pre-trained by flow matching for the first part of their
 # budget: (seconds of pre-training, its `flowlab train` options); METHODS holds the second part
 PRETRAIN = {"ot-cfm-ml": (30.0, ["--model", "cfm", "--coupling", "ot", "--hidden", "64,64,64"])}

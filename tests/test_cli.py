@@ -334,3 +334,18 @@ def test_image_data_errors(capsys, tmp_path):
                  "--out", str(tmp_path / "c")]) == 2
     assert "drop --data-dir" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_sobolev_option_trains_a_cfm_and_is_refused_elsewhere(tmp_path, capsys):
+    run = tmp_path / "sob"
+    assert main(["train", "--model", "cfm", "--target", "averaged", "--sobolev", "0.05",
+                 "--sobolev-rows", "16", "--data", "moons", "--iters", "20", "--batch-size",
+                 "64", "--hidden", "16,16", "--out", str(run), "--no-progress"]) == 0
+    options = json.loads((run / "config.json").read_text())["model_options"]
+    assert (options["sobolev"], options["sobolev_from"], options["sobolev_rows"]) == (
+        0.05, 0.25, 16)
+    capsys.readouterr()
+    assert main(["train", "--model", "ffjord", "--sobolev", "0.05", "--data", "moons",
+                 "--iters", "2", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    assert "--model cfm --target averaged" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flowlab.errors import ConfigError
-from flowlab.fm import LinearPath, VPPath, averaged_velocity
+from flowlab.fm import LinearPath, VPPath, averaged_target, averaged_velocity
 from flowlab.models import CFM, build_model
 
 F64 = torch.float64
@@ -119,3 +119,92 @@ def test_cfm_regresses_the_field_on_the_averaged_target_and_keeps_the_option():
     assert rebuilt.options["target"] == "averaged"
     assert build_model("cfm", **{**model.config(), "target": "conditional"}).options[
         "target"] == "conditional"
+
+
+def _brute_target(path, x, t: float, y: torch.Tensor) -> torch.Tensor:
+    """One row's averaged target at the point ``y`` (the batch ``x`` fixed), written out."""
+    a, sigma = _path_gaussian(path, t)
+    w = torch.softmax(-(y - a * x).pow(2).sum(1) / (2 * sigma**2), 0)
+    noise = (y - a * x) / sigma
+    tt = torch.full((x.shape[0],), t, dtype=F64)
+    return (w[:, None] * path.point_and_velocity(x, noise, tt)[1]).sum(0)
+
+
+@pytest.mark.parametrize("path", [LinearPath(1e-4), LinearPath(0.1), VPPath()])
+def test_averaged_target_jacobian_is_that_of_the_batch_posterior_average(path):
+    """The closed form (sigma'/sigma) I - gamma (a/sigma^2) Cov_w against autograd through the
+    written-out average, in float64, for the chosen rows only (and in their order)."""
+    gen = torch.Generator().manual_seed(5)
+    n = 12
+    x = torch.randn(n, 2, generator=gen, dtype=F64)
+    z = torch.randn(n, 2, generator=gen, dtype=F64)
+    t = torch.linspace(0.2, 0.9, n, dtype=F64)
+    point, velocity = path.point_and_velocity(x, z, t)
+    rows = torch.tensor([7, 2, 11])
+    target, jacobians = averaged_target(path, x, z, t, velocity, rows)
+    torch.testing.assert_close(target, averaged_velocity(path, x, z, t, velocity))
+    assert jacobians.shape == (3, 2, 2)
+    for k, i in enumerate(rows.tolist()):
+        expected = torch.autograd.functional.jacobian(
+            lambda y, i=i: _brute_target(path, x, float(t[i]), y), point[i])
+        torch.testing.assert_close(jacobians[k], expected, rtol=1e-9, atol=1e-9)
+        # the covariance term matters: the conditional velocity's slope alone is off
+        slope = torch.autograd.functional.jacobian(
+            lambda y, i=i: path.point_and_velocity(x[i:i + 1], ((y - _path_gaussian(
+                path, float(t[i]))[0] * x[i]) / _path_gaussian(path, float(t[i]))[1])[None],
+                t[i:i + 1])[1][0], point[i])
+        assert float((jacobians[k] - slope).abs().max()) > 1e-3
+    assert averaged_target(path, x, z, t, velocity)[1] is None
+
+
+class _Affine(torch.nn.Module):
+    """v(t, y) = A y + b: its forward differences are its Jacobian A exactly (up to rounding)."""
+
+    def __init__(self, matrix):
+        super().__init__()
+        self.matrix = torch.nn.Parameter(matrix)
+
+    def forward(self, t, y):
+        return y @ self.matrix.T + 0.5
+
+
+def test_sobolev_term_regresses_the_field_jacobian_on_the_target_jacobian():
+    """With an affine field the loss is the regression plus weight * sum over the first
+    sobolev_rows rows with t >= sobolev_from of |A - J_target|_F^2, divided by the batch."""
+    model = CFM(dim=2, target="averaged", hidden=(8,), sobolev=0.3, sobolev_from=0.5,
+                sobolev_rows=3).to(F64)
+    matrix = torch.tensor([[0.7, -0.2], [0.4, 1.3]], dtype=F64)
+    model.blocks[0].field = _Affine(matrix.clone())
+    gen = torch.Generator().manual_seed(2)
+    n = 10
+    x = torch.randn(n, 2, generator=gen, dtype=F64)
+    z = torch.randn(n, 2, generator=gen, dtype=F64)
+    t = torch.tensor([0.1, 0.6, 0.2, 0.9, 0.55, 0.7, 0.3, 0.8, 0.5, 0.4], dtype=F64)
+    point, velocity = model.path.point_and_velocity(x, z, t)
+    out = model._sobolev_loss(x, z, t, point, velocity)
+    rows = torch.tensor([1, 3, 4])  # the first three rows with t >= 0.5
+    target, jacobians = averaged_target(model.path, x, z, t, velocity, rows)
+    regression = (point @ matrix.T + 0.5 - target).pow(2).sum(1).mean()
+    sobolev = (matrix - jacobians).pow(2).sum((1, 2)).sum() / n
+    torch.testing.assert_close(out.loss, regression + 0.3 * sobolev, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(torch.tensor(out.metrics["sobolev_loss"], dtype=F64), sobolev,
+                               rtol=1e-6, atol=1e-8)
+    out.loss.backward()  # and the term trains the field
+    assert float(model.blocks[0].field.matrix.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"sobolev": 0.1}, "target='averaged'"),
+    ({"sobolev": -1.0, "target": "averaged"}, ">= 0"),
+    ({"sobolev": 0.1, "target": "averaged", "sobolev_from": 0.0}, "sobolev_from"),
+    ({"sobolev": 0.1, "target": "averaged", "sobolev_rows": 0}, "sobolev_rows"),
+    ({"sobolev": 0.1, "target": "averaged", "dim": 17}, "at most 16"),
+])
+def test_sobolev_options_are_checked(options, message):
+    with pytest.raises(ConfigError, match=message):
+        CFM(**{"dim": 2, "hidden": (8,), **options})
+
+
+def test_cfm_without_sobolev_keeps_its_saved_options():
+    assert "sobolev" not in CFM(dim=2, hidden=(8,), target="averaged").options
+    assert CFM(dim=2, hidden=(8,), target="averaged", sobolev=0.05).options["sobolev"] == 0.05

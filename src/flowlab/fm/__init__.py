@@ -2,7 +2,7 @@
 
 from flowlab.fm.coupling import COUPLINGS, independent_coupling, make_coupling, ot_coupling
 from flowlab.fm.paths import PATHS, LinearPath, VPPath, make_path
-from flowlab.fm.targets import TARGETS, averaged_velocity, check_target
+from flowlab.fm.targets import TARGETS, averaged_target, averaged_velocity, check_target
 
 __all__ = [
     "COUPLINGS",
@@ -10,6 +10,7 @@ __all__ = [
     "TARGETS",
     "LinearPath",
     "VPPath",
+    "averaged_target",
     "averaged_velocity",
     "check_target",
     "independent_coupling",

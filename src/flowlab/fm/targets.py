@@ -78,15 +78,10 @@ def path_gaussian(path: LinearPath | VPPath, t: torch.Tensor):
                       f"{type(path).__name__}")
 
 
-def averaged_velocity(path: LinearPath | VPPath, x: torch.Tensor, z: torch.Tensor,
-                      t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
-    """The batch-posterior average of the conditional velocities (see the module docstring).
-
-    Args:
-        path: the probability path the pairs were put on.
-        x, z: the independent pairs, shape ``(n, ...)``; the batch ``x`` is the reference set.
-        t: one time per row, shape ``(n,)``.
-        velocity: the conditional velocities ``u_t(x_t | x_i)`` of the rows.
+def _posterior_weights(path: LinearPath | VPPath, x: torch.Tensor, z: torch.Tensor,
+                       t: torch.Tensor):
+    """Row ``i``'s posterior weights over the batch points ``x_j`` (float64, own point included)
+    with the flattened points and the path scales per row: ``(weights, xs, a, sigma, gamma)``.
 
     The log-weight of ``x_j`` for row ``i`` is, up to a constant of the row,
     ``(a z_i / sigma + a^2 x_i / sigma^2) . x_j - a^2 |x_j|^2 / (2 sigma^2)``: one matrix
@@ -101,10 +96,62 @@ def averaged_velocity(path: LinearPath | VPPath, x: torch.Tensor, z: torch.Tenso
     zs = z.detach().reshape(n, -1).to(torch.float64)
     rows = torch.cat([a * zs / sigma + (a / sigma).pow(2) * xs, -0.5 * (a / sigma).pow(2)], 1)
     columns = torch.cat([xs, xs.pow(2).sum(1, keepdim=True)], 1)
-    weights = torch.softmax(rows @ columns.T, dim=1)
+    return torch.softmax(rows @ columns.T, dim=1), xs, a, sigma, gamma
+
+
+def averaged_velocity(path: LinearPath | VPPath, x: torch.Tensor, z: torch.Tensor,
+                      t: torch.Tensor, velocity: torch.Tensor) -> torch.Tensor:
+    """The batch-posterior average of the conditional velocities (see the module docstring).
+
+    Args:
+        path: the probability path the pairs were put on.
+        x, z: the independent pairs, shape ``(n, ...)``; the batch ``x`` is the reference set.
+        t: one time per row, shape ``(n,)``.
+        velocity: the conditional velocities ``u_t(x_t | x_i)`` of the rows.
+    """
+    return averaged_target(path, x, z, t, velocity)[0]
+
+
+def averaged_target(path: LinearPath | VPPath, x: torch.Tensor, z: torch.Tensor,
+                    t: torch.Tensor, velocity: torch.Tensor,
+                    jacobian_rows: torch.Tensor | None = None):
+    """The averaged target and, for the rows ``jacobian_rows`` (indices), its Jacobian with
+    respect to the path point: ``(target, jacobians)``, the Jacobians ``(k, D, D)`` in float64
+    (entry ``[i, j]`` the derivative of output ``i`` in input ``j``; None without rows).
+
+    The conditional velocity is ``u_t(y | x) = (sigma' / sigma) y + (...) x``, affine in the
+    point ``y`` with slope ``sigma' / sigma`` and in the data point with slope ``-gamma``, and the
+    weights ``w_j(y)`` have gradient ``(a / sigma^2) w_j (x_j - m)`` with ``m`` the posterior
+    mean, so the Jacobian of ``sum_j w_j u_t(y | x_j)`` is
+
+        (sigma' / sigma) I - gamma (a / sigma^2) Cov_w(x),
+
+    the weighted covariance of the batch points under the row's posterior. It is the target of
+    the Sobolev term of :class:`flowlab.models.cfm.CFM` (see ``sobolev`` there).
+    """
+    weights, xs, a, sigma, gamma = _posterior_weights(path, x, z, t)
+    jacobians = None
+    if jacobian_rows is not None:
+        w = weights[jacobian_rows]
+        centred = xs[None] - (w @ xs)[:, None]  # (k, n, D)
+        cov = torch.einsum("kj,kja,kjb->kab", w, centred, centred)
+        rows = jacobian_rows
+        rate = _noise_rate(path, t[rows].to(torch.float64), sigma[rows]).reshape(-1, 1, 1)
+        eye = torch.eye(xs.shape[1], dtype=torch.float64, device=xs.device)
+        scale = (gamma[rows] * a[rows] / sigma[rows].pow(2)).reshape(-1, 1, 1)
+        jacobians = rate * eye - scale * cov
     weights.fill_diagonal_(0)  # x_i's own term, x_i - x_i = 0, contributes nothing
     shift = weights @ xs - weights.sum(1, keepdim=True) * xs
-    return velocity - (gamma * shift).reshape(velocity.shape).to(velocity)
+    target = velocity - (gamma * shift).reshape(velocity.shape).to(velocity)
+    return target, jacobians
+
+
+def _noise_rate(path: LinearPath | VPPath, t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``sigma'(t) / sigma(t)`` per row (``sigma`` as clamped by :func:`path_gaussian`)."""
+    sigma = sigma.reshape(t.shape)
+    if isinstance(path, LinearPath):
+        return (1 - path.sigma_min) / sigma
+    return (math.pi / 2) * torch.cos(t * (math.pi / 2)) / sigma
 
 
 def check_target(target: str) -> str:
