@@ -41,6 +41,12 @@ than the spacing of the batch, so the average there is the conditional velocity 
 they all average over the same points; ``benchmarks/fm_gradient_noise.py`` measures it, and
 two ways to cut it (fresh references per block of rows, score matching near the data end)
 that left the one-minute result unchanged. See the time-to-quality account in the README.
+
+:func:`averaged_target` also gives the averaged target's Jacobian in the path point, in closed
+form, for the Sobolev term of :class:`flowlab.models.cfm.CFM` (``sobolev``): the likelihood
+integrates the field's divergence, and on 8gaussians the fields trained on this target keep a
+Jacobian error that more training does not lower; regressing the field's Jacobian on this one
+took the one-minute KL from 0.0018 to 0.0014 nats (three runs each, side by side).
 """
 
 from __future__ import annotations
