@@ -142,7 +142,7 @@ def averaged_target(path: LinearPath | VPPath, x: torch.Tensor, z: torch.Tensor,
         centred = xs[None] - (w @ xs)[:, None]  # (k, n, D)
         cov = torch.einsum("kj,kja,kjb->kab", w, centred, centred)
         rows = jacobian_rows
-        rate = _noise_rate(path, t[rows].to(torch.float64), sigma[rows]).reshape(-1, 1, 1)
+        rate = _noise_rate(path, a[rows], sigma[rows]).reshape(-1, 1, 1)
         eye = torch.eye(xs.shape[1], dtype=torch.float64, device=xs.device)
         scale = (gamma[rows] * a[rows] / sigma[rows].pow(2)).reshape(-1, 1, 1)
         jacobians = rate * eye - scale * cov
@@ -152,12 +152,12 @@ def averaged_target(path: LinearPath | VPPath, x: torch.Tensor, z: torch.Tensor,
     return target, jacobians
 
 
-def _noise_rate(path: LinearPath | VPPath, t: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """``sigma'(t) / sigma(t)`` per row (``sigma`` as clamped by :func:`path_gaussian`)."""
-    sigma = sigma.reshape(t.shape)
+def _noise_rate(path: LinearPath | VPPath, a: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``sigma'(t) / sigma(t)`` from the scales of :func:`path_gaussian` (``sigma`` clamped):
+    ``(1 - sigma_min) / sigma`` on the linear path, ``(pi / 2) a / sigma`` on the VP path."""
     if isinstance(path, LinearPath):
         return (1 - path.sigma_min) / sigma
-    return (math.pi / 2) * torch.cos(t * (math.pi / 2)) / sigma
+    return (math.pi / 2) * a / sigma
 
 
 def check_target(target: str) -> str:
