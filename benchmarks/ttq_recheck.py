@@ -1,0 +1,167 @@
+"""A close verdict of the time-to-quality benchmark, measured again on more test points.
+
+``time_to_quality.py`` judges each method by the final paired KL of its training runs on one
+fixed set of 20,000 points. Where two methods end within a few ten-thousandths of a nat, that
+set's own noise (about ± 0.0005 per run on 8gaussians, largely independent from run to run,
+because every model errs at different places) is as large as the difference being judged. This
+script takes the final models of the runs that a benchmark left in its runs folder, evaluates
+each on ``--points`` fresh points of the true density (drawn with a seed of their own, not the
+benchmark's test set; dopri5 at 1e-6, float64, the exact divergence), and reports:
+
+- each run's paired KL(data || model) ± its s.e. over the points;
+- each method's mean over its runs, with the s.e. over runs (which holds both the training
+  spread and what is left of the points' noise);
+- each other method against the reference (``--reference``, FFJORD by default): the difference
+  of the means over runs, with the s.e. of two independent means, and the verdict that
+  ``time_to_quality.py`` applies (reached when the mean is no larger).
+
+The per-point log-densities are cached next to each run (``recheck-<points>-<seed>.pt``), so a
+second call only aggregates. Usage (after the benchmark has trained the runs)::
+
+    python benchmarks/ttq_recheck.py --runs runs/ttq-sob --dataset 8gaussians \\
+        --seeds 0,1,2,3,4 --methods ffjord,cfm-avg-sob-fourier-ema-60s --points 60000 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+POINTS_SEED = 7_777  # not the benchmark's test seed: these points are new to every model
+TOLERANCE = 1e-6
+BATCH = 5_000
+
+
+def cache_path(run: Path, points: int, seed: int) -> Path:
+    return run / f"recheck-{points}-{seed}.pt"
+
+
+def model_log_probs(run: Path, method: str, dataset_name: str, points: int, seed: int) -> str:
+    """Evaluate the final model of ``run`` on the fresh points and cache log q per point."""
+    import torch
+    from time_to_quality import _flowlab_model, _snapshot_index
+
+    from flowlab.data import get_dataset
+    from flowlab.eval import heldout_points
+    from flowlab.ode import SolverConfig
+
+    torch.set_num_threads(1)
+    out = cache_path(run, points, seed)
+    if out.is_file():
+        return f"{run}: cached"
+    dataset = get_dataset(dataset_name)
+    x = heldout_points(dataset, points, seed=seed)
+    model = _flowlab_model(run, _snapshot_index(run, method)[-1]["file"])
+    solver = SolverConfig(atol=TOLERANCE, rtol=TOLERANCE)
+    start = time.perf_counter()
+    values = []
+    with torch.no_grad():
+        for chunk in x.split(BATCH):
+            values.append(model.log_prob_with_stats(chunk, solver=solver)[0].double().cpu())
+    log_q = torch.cat(values)
+    if torch.isnan(log_q).any():
+        raise SystemExit(f"{run}: {int(torch.isnan(log_q).sum())} log-densities are NaN")
+    partial = out.with_suffix(".partial")
+    torch.save(log_q, partial)
+    partial.replace(out)  # never a half-written cache
+    return f"{run}: {points:,} points in {time.perf_counter() - start:.0f} s"
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return statistics.fmean(values), se
+
+
+def summarize(runs_by_method: dict[str, dict[int, Path]], dataset_name: str, points: int,
+              seed: int, reference: str) -> str:
+    """The Markdown report from the cached log-densities."""
+    import torch
+
+    from flowlab.data import get_dataset
+    from flowlab.eval import heldout_points
+
+    dataset = get_dataset(dataset_name)
+    x = heldout_points(dataset, points, seed=seed)
+    log_p = torch.cat([dataset.log_prob(c).double() for c in x.split(BATCH)])
+    lines = [f"Final models re-evaluated on {points:,} fresh points of {dataset_name} (seed "
+             f"{seed}), dopri5 at {TOLERANCE:g}, float64, exact divergence. Paired "
+             "KL(data || model) in nats, ± 1 s.e.", "",
+             "| method | KL by training seed | mean ± s.e. over runs |", "|---|---|---|"]
+    means = {}
+    for method, runs in runs_by_method.items():
+        kls = {}
+        for s, run in runs.items():
+            d = log_p - torch.load(cache_path(run, points, seed))
+            kls[s] = (float(d.mean()), float(d.std()) / math.sqrt(d.numel()))
+        means[method] = [k for k, _ in kls.values()]
+        mean, se = _mean_se(means[method])
+        cells = ", ".join(f"{s}: {k:.4f} ± {e:.4f}" for s, (k, e) in kls.items())
+        lines.append(f"| {method} | {cells} | {mean:.4f} ± {se:.4f} |")
+    if reference in means:
+        ref_mean, ref_se = _mean_se(means[reference])
+        lines.append("")
+        for method, kls in means.items():
+            if method == reference:
+                continue
+            mean, se = _mean_se(kls)
+            verdict = "reached" if mean <= ref_mean else "not reached"
+            lines.append(f"- {method} against {reference}: {mean - ref_mean:+.4f} ± "
+                         f"{math.hypot(se, ref_se):.4f} nats over runs: {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from time_to_quality import FLOWLAB_METHODS, PRETRAIN, replicate_folder
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, required=True,
+                        help="the runs folder of a time_to_quality.py benchmark")
+    parser.add_argument("--dataset", default="8gaussians")
+    parser.add_argument("--methods", default="ffjord,cfm-avg-sob-fourier-ema-60s")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--reference", default="ffjord",
+                        help="the method the others are judged against (default: ffjord)")
+    parser.add_argument("--points", type=int, default=60_000)
+    parser.add_argument("--points-seed", type=int, default=POINTS_SEED)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=None, help="also write the report here")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds takes whole numbers separated by commas, got {args.seeds!r}")
+    if args.points < 2:
+        parser.error(f"--points must be at least 2, got {args.points}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    refused = [m for m in methods if m not in FLOWLAB_METHODS or m in PRETRAIN]
+    if refused or not methods:
+        parser.error(f"--methods takes flowlab's one-part methods of time_to_quality.py (the "
+                     f"ones trained with several seeds), not {', '.join(refused) or 'nothing'}")
+    runs = {m: {s: replicate_folder(args.runs, args.dataset, m, s) for s in seeds}
+            for m in methods}
+    missing = [str(r) for by_seed in runs.values() for r in by_seed.values()
+               if not (r / "snapshots").is_dir()]
+    if missing:
+        parser.error("no finished run in " + ", ".join(missing) + ": train them first with "
+                     "benchmarks/time_to_quality.py (the same --runs, --datasets and --seeds)")
+    jobs = [(run, m, args.dataset, args.points, args.points_seed)
+            for m, by_seed in runs.items() for run in by_seed.values()]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for message in pool.map(model_log_probs, *zip(*jobs, strict=True)):
+            print(message, flush=True)
+    report = summarize(runs, args.dataset, args.points, args.points_seed, args.reference)
+    print(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
