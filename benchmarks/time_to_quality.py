@@ -64,6 +64,8 @@ the test points stay the same) and evaluates only their final models, in
 ``runs/ttq/DATASET/seed-S/METHOD``. Where FFJORD and a flowlab method trained for a tenth of
 its budget or less both have three runs or more (MIN_SEEDS), the verdict also compares their
 mean final KLs, with the standard error of the difference; the table and figures show seed 0.
+Where that verdict is close, ``benchmarks/ttq_recheck.py`` evaluates the same final models
+again on more fresh points.
 
 Finished cells (``runs/ttq/DATASET/METHOD/cell.json``) are kept and not rerun unless
 ``--force``, so the benchmark can be run in parts; the table covers every finished cell.
