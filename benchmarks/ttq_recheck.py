@@ -15,8 +15,9 @@ benchmark's test set; dopri5 at 1e-6, float64, the exact divergence), and report
   of the means over runs, with the s.e. of two independent means, and the verdict that
   ``time_to_quality.py`` applies (reached when the mean is no larger).
 
-The per-point log-densities are cached next to each run (``recheck-<points>-<seed>.pt``), so a
-second call only aggregates. Usage (after the benchmark has trained the runs)::
+The per-point log-densities are cached next to each run (``recheck-<points>-<seed>.pt``, with
+the final snapshot they came from), so a second call only aggregates. Usage (after the
+benchmark has trained the runs)::
 
     python benchmarks/ttq_recheck.py --runs runs/ttq-sob --dataset 8gaussians \\
         --seeds 0,1,2,3,4 --methods ffjord,cfm-avg-sob-fourier-ema-60s --points 60000 --jobs 2
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import platform
 import statistics
 import sys
 import time
@@ -54,11 +56,13 @@ def model_log_probs(run: Path, method: str, dataset_name: str, points: int, seed
 
     torch.set_num_threads(1)
     out = cache_path(run, points, seed)
-    if out.is_file():
-        return f"{run}: cached"
+    final = _snapshot_index(run, method)[-1]
+    snapshot = {"file": final["file"], "step": final.get("step")}
+    if out.is_file() and torch.load(out)["snapshot"] == snapshot:
+        return f"{run}: cached"  # (a run trained again has another final step: evaluated anew)
     dataset = get_dataset(dataset_name)
     x = heldout_points(dataset, points, seed=seed)
-    model = _flowlab_model(run, _snapshot_index(run, method)[-1]["file"])
+    model = _flowlab_model(run, final["file"])
     solver = SolverConfig(atol=TOLERANCE, rtol=TOLERANCE)
     start = time.perf_counter()
     values = []
@@ -69,7 +73,7 @@ def model_log_probs(run: Path, method: str, dataset_name: str, points: int, seed
     if torch.isnan(log_q).any():
         raise SystemExit(f"{run}: {int(torch.isnan(log_q).sum())} log-densities are NaN")
     partial = out.with_suffix(".partial")
-    torch.save(log_q, partial)
+    torch.save({"log_q": log_q, "snapshot": snapshot}, partial)
     partial.replace(out)  # never a half-written cache
     return f"{run}: {points:,} points in {time.perf_counter() - start:.0f} s"
 
@@ -98,7 +102,7 @@ def summarize(runs_by_method: dict[str, dict[int, Path]], dataset_name: str, poi
     for method, runs in runs_by_method.items():
         kls = {}
         for s, run in runs.items():
-            d = log_p - torch.load(cache_path(run, points, seed))
+            d = log_p - torch.load(cache_path(run, points, seed))["log_q"]
             kls[s] = (float(d.mean()), float(d.std()) / math.sqrt(d.numel()))
         means[method] = [k for k, _ in kls.values()]
         mean, se = _mean_se(means[method])
@@ -156,7 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for message in pool.map(model_log_probs, *zip(*jobs, strict=True)):
             print(message, flush=True)
-    report = summarize(runs, args.dataset, args.points, args.points_seed, args.reference)
+    command = "python benchmarks/ttq_recheck.py " + " ".join(
+        a for a in (sys.argv[1:] if argv is None else argv))
+    report = (f"# A close verdict measured again: {args.dataset}\n\nCommand: `{command}`  \n"
+              f"Machine: {platform.machine()}, Python {platform.python_version()}, "
+              f"{args.jobs} evaluation(s) at a time, one thread each.\n\n"
+              + summarize(runs, args.dataset, args.points, args.points_seed, args.reference))
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

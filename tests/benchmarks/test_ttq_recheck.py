@@ -28,7 +28,8 @@ def _cached_runs(tmp_path, offsets: dict[str, dict[int, float]]):
         for seed, offset in by_seed.items():
             run = ttq.replicate_folder(tmp_path, "8gaussians", method, seed)
             run.mkdir(parents=True)
-            torch.save(log_p - offset - wobble, recheck.cache_path(run, POINTS, SEED))
+            torch.save({"log_q": log_p - offset - wobble, "snapshot": {}},
+                       recheck.cache_path(run, POINTS, SEED))
             runs[method][seed] = run
     return runs
 
@@ -65,7 +66,7 @@ def test_a_run_is_evaluated_once_exactly_and_cached_whole(tmp_path, monkeypatch)
     run.mkdir()
     message = recheck.model_log_probs(run, "ffjord", "8gaussians", POINTS, SEED)
     assert "50 points" in message and calls == ["t60.pt"]  # the final snapshot
-    cached = torch.load(recheck.cache_path(run, POINTS, SEED))
+    cached = torch.load(recheck.cache_path(run, POINTS, SEED))["log_q"]
     x = heldout_points(get_dataset("8gaussians"), POINTS, seed=SEED)
     with torch.no_grad():
         expected = model.log_prob(x)
@@ -73,6 +74,11 @@ def test_a_run_is_evaluated_once_exactly_and_cached_whole(tmp_path, monkeypatch)
     assert [p.name for p in run.iterdir()] == [recheck.cache_path(run, POINTS, SEED).name]
     assert recheck.model_log_probs(run, "ffjord", "8gaussians", POINTS, SEED).endswith("cached")
     assert calls == ["t60.pt"]
+    # trained again (another final snapshot): evaluated anew, not read from the old cache
+    monkeypatch.setattr(ttq, "_snapshot_index",
+                        lambda run, method: [{"file": "t60.pt", "step": 4000}])
+    assert "50 points" in recheck.model_log_probs(run, "ffjord", "8gaussians", POINTS, SEED)
+    assert calls == ["t60.pt", "t60.pt"]
 
 
 @pytest.mark.parametrize("argv, message", [
