@@ -11,9 +11,9 @@ benchmark's test set; dopri5 at 1e-6, float64, the exact divergence), and report
 - each run's paired KL(data || model) ± its s.e. over the points;
 - each method's mean over its runs, with the s.e. over runs (which holds both the training
   spread and what is left of the points' noise);
-- each other method against the reference (``--reference``, FFJORD by default): the difference
-  of the means over runs, with the s.e. of two independent means, and the verdict that
-  ``time_to_quality.py`` applies (reached when the mean is no larger).
+- each method trained for a tenth of FFJORD's budget against FFJORD: the difference of the
+  means over runs, with the s.e. of two independent means, and the verdict, computed by
+  ``time_to_quality.py``'s own rule (reached when the mean is no larger).
 
 The per-point log-densities are cached next to each run (``recheck-<points>-<seed>.pt``, with
 the final snapshot they came from), so a second call only aggregates. Usage (after the
@@ -26,9 +26,7 @@ benchmark has trained the runs)::
 from __future__ import annotations
 
 import argparse
-import math
 import platform
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -78,18 +76,16 @@ def model_log_probs(run: Path, method: str, dataset_name: str, points: int, seed
     return f"{run}: {points:,} points in {time.perf_counter() - start:.0f} s"
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-    return statistics.fmean(values), se
-
-
 def summarize(runs_by_method: dict[str, dict[int, Path]], dataset_name: str, points: int,
-              seed: int, reference: str) -> str:
-    """The Markdown report from the cached log-densities."""
+              seed: int) -> str:
+    """The Markdown report from the cached log-densities; the verdict is the benchmark's own
+    (:func:`time_to_quality.replicated_verdict`) on these KLs."""
     import torch
+    from time_to_quality import BUDGETS, _mean_se, replicated_verdict
 
     from flowlab.data import get_dataset
     from flowlab.eval import heldout_points
+    from flowlab.eval.nll import mean_and_se
 
     dataset = get_dataset(dataset_name)
     x = heldout_points(dataset, points, seed=seed)
@@ -98,26 +94,26 @@ def summarize(runs_by_method: dict[str, dict[int, Path]], dataset_name: str, poi
              f"{seed}), dopri5 at {TOLERANCE:g}, float64, exact divergence. Paired "
              "KL(data || model) in nats, ± 1 s.e.", "",
              "| method | KL by training seed | mean ± s.e. over runs |", "|---|---|---|"]
-    means = {}
+    replicates = {}
     for method, runs in runs_by_method.items():
-        kls = {}
-        for s, run in runs.items():
-            d = log_p - torch.load(cache_path(run, points, seed))["log_q"]
-            kls[s] = (float(d.mean()), float(d.std()) / math.sqrt(d.numel()))
-        means[method] = [k for k, _ in kls.values()]
-        mean, se = _mean_se(means[method])
+        kls = {s: mean_and_se(log_p - torch.load(cache_path(run, points, seed))["log_q"])
+               for s, run in runs.items()}
+        replicates[method] = {s: {"kl_nats": kl} for s, (kl, _) in kls.items()}
         cells = ", ".join(f"{s}: {k:.4f} ± {e:.4f}" for s, (k, e) in kls.items())
-        lines.append(f"| {method} | {cells} | {mean:.4f} ± {se:.4f} |")
-    if reference in means:
-        ref_mean, ref_se = _mean_se(means[reference])
-        lines.append("")
-        for method, kls in means.items():
-            if method == reference:
-                continue
-            mean, se = _mean_se(kls)
-            verdict = "reached" if mean <= ref_mean else "not reached"
-            lines.append(f"- {method} against {reference}: {mean - ref_mean:+.4f} ± "
-                         f"{math.hypot(se, ref_se):.4f} nats over runs: {verdict}")
+        over = "-"
+        if len(kls) > 1:
+            runs_mean = _mean_se([k for k, _ in kls.values()])
+            over = f"{runs_mean['mean']:.4f} ± {runs_mean['se']:.4f}"
+        lines.append(f"| {method} | {cells} | {over} |")
+    verdict = replicated_verdict({}, replicates, BUDGETS[-1])
+    lines.append("")
+    if verdict is None:
+        lines.append("No verdict: it needs FFJORD and a method trained for a tenth of its "
+                     "budget, with three runs or more each.")
+        return "\n".join(lines)
+    for method, mine in verdict["methods"].items():
+        lines.append(f"- {method} against ffjord: {mine['diff']:+.4f} ± {mine['diff_se']:.4f} "
+                     f"nats over runs: {'reached' if mine['reaches'] else 'not reached'}")
     return "\n".join(lines)
 
 
@@ -130,8 +126,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default="8gaussians")
     parser.add_argument("--methods", default="ffjord,cfm-avg-sob-fourier-ema-60s")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--reference", default="ffjord",
-                        help="the method the others are judged against (default: ffjord)")
     parser.add_argument("--points", type=int, default=60_000)
     parser.add_argument("--points-seed", type=int, default=POINTS_SEED)
     parser.add_argument("--jobs", type=int, default=1)
@@ -165,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     report = (f"# A close verdict measured again: {args.dataset}\n\nCommand: `{command}`  \n"
               f"Machine: {platform.machine()}, Python {platform.python_version()}, "
               f"{args.jobs} evaluation(s) at a time, one thread each.\n\n"
-              + summarize(runs, args.dataset, args.points, args.points_seed, args.reference))
+              + summarize(runs, args.dataset, args.points, args.points_seed))
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

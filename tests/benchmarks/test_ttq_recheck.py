@@ -39,7 +39,7 @@ def test_the_report_gives_each_runs_kl_the_means_and_the_verdict(tmp_path):
                                    "cfm-avg-fourier-60s": {0: 0.0012, 1: 0.0016, 2: 0.0020},
                                    "cfm-avg-sob-fourier-ema-60s": {0: 0.0021, 1: 0.0023,
                                                                    2: 0.0025}})
-    report = recheck.summarize(runs, "8gaussians", POINTS, SEED, "ffjord")
+    report = recheck.summarize(runs, "8gaussians", POINTS, SEED)
     # the wobble sums to zero: each KL is the offset, with an s.e. from the wobble alone
     se = float(torch.linspace(-1e-3, 1e-3, POINTS, dtype=torch.float64).std()) / POINTS ** 0.5
     assert f"0: 0.0010 ± {se:.4f}, 1: 0.0020 ± {se:.4f}, 2: 0.0030 ± {se:.4f}" in report
@@ -48,6 +48,14 @@ def test_the_report_gives_each_runs_kl_the_means_and_the_verdict(tmp_path):
         in report
     assert "cfm-avg-sob-fourier-ema-60s against ffjord: +0.0003 ± 0.0006 nats over runs: " \
            "not reached" in report
+
+
+def test_fewer_than_three_runs_give_the_kls_but_no_verdict(tmp_path):
+    runs = _cached_runs(tmp_path, {"ffjord": {0: 0.0010, 1: 0.0020},
+                                   "cfm-avg-fourier-60s": {0: 0.0012, 1: 0.0016}})
+    report = recheck.summarize(runs, "8gaussians", POINTS, SEED)
+    assert "| 0.0015 ± 0.0005 |" in report and "| 0.0014 ± 0.0002 |" in report
+    assert "No verdict" in report and "against ffjord" not in report
 
 
 def test_a_run_is_evaluated_once_exactly_and_cached_whole(tmp_path, monkeypatch):
